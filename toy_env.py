@@ -1,0 +1,237 @@
+"""A tiny text gridworld for agentic RL, with an oracle and a held-out split.
+
+    . . # .
+    . A . .          A  the agent        #  a wall (cells outside the grid are walls too)
+    . # . G          G  the goal         .  floor
+    . . . .
+    action:
+
+The agent answers with one of four words -- ``up``, ``down``, ``left``, ``right`` -- as free text.
+The reward is outcome-only: 1.0 when the agent stands on the goal within the step budget, else 0.0.
+
+Why it looks like this (see ../shared/PAPER.md, section 3): every observation of a layout is the
+same grid with the ``A`` in another cell, so prompts of different states are near-identical and the
+action space is tiny. That is exactly where the paper's *gradient coupling* lives, so we do not add
+anything (coordinates, hints) that would make states trivially distinguishable.
+
+The oracle (breadth-first shortest-path distances to the goal) labels each action as good (it
+strictly lowers the distance) or flawed (anything else: a step away, a bump into a wall, text that
+is not an action). It feeds diagnostics, the supervised warm-up and the oracle-label ablation --
+never the RL reward.
+
+API (gym-like):
+    env = GridWorld.from_string(layout_text)     # ValueError with a clear message if malformed
+    obs = env.reset()
+    obs, reward, done, info = env.step("left")   # never raises on any action text
+    sample_layouts("train" | "held_out", n, seed)  -> list of layout strings
+"""
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+ACTIONS = ("up", "down", "left", "right")
+MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+WALL, FLOOR, AGENT, GOAL = "#", ".", "A", "G"
+PROMPT_END = "action:"
+# Every word an observation or an action can contain: the default word-level tokenizer is built from it.
+VOCABULARY = (WALL, FLOOR, AGENT, GOAL, "\n", PROMPT_END) + ACTIONS
+
+# The two splits. Same grid size (the tiny default model has learned absolute positions), but the
+# held-out layouts are much denser in walls, so detours are needed far more often: the analogue of
+# the paper's out-of-domain tasks. The wall-count ranges do not overlap, so no held-out layout can
+# ever be a train layout, for any seed.
+SPLITS = {
+    "train":    dict(rows=4, cols=4, min_walls=1, max_walls=3, split_id=0),
+    "held_out": dict(rows=4, cols=4, min_walls=4, max_walls=5, split_id=1),
+}
+# A tight budget makes every flawed move costly: with slack 2, one step away (and back) or two bumps
+# still succeed, a third wasted step fails. A generous budget lets a sloppy policy succeed by luck.
+BUDGET_SLACK = 2
+MIN_START_DISTANCE = 3  # shortest path from A to G in sampled layouts; shorter is too easy to teach anything
+
+
+def parse_action(text) -> str | None:
+    """The action named by `text`, or None. Lenient about case and surrounding whitespace only."""
+    if not isinstance(text, str):
+        return None
+    word = text.strip().lower()
+    return word if word in MOVES else None
+
+
+def bfs_distances(walls: list[list[bool]], goal: tuple[int, int]) -> dict[tuple[int, int], int]:
+    """Shortest-path distance (in moves) from every cell that can reach `goal`."""
+    rows, cols = len(walls), len(walls[0])
+    dist = {goal: 0}
+    queue = deque([goal])
+    while queue:
+        r, c = queue.popleft()
+        for dr, dc in MOVES.values():
+            nr, nc = r + dr, c + dc
+            if 0 <= nr < rows and 0 <= nc < cols and not walls[nr][nc] and (nr, nc) not in dist:
+                dist[(nr, nc)] = dist[(r, c)] + 1
+                queue.append((nr, nc))
+    return dist
+
+
+class GridWorld:
+    """One layout: walls, a goal, the agent's start. Default step budget: shortest path + BUDGET_SLACK."""
+
+    def __init__(self, walls: list[list[bool]], start: tuple[int, int], goal: tuple[int, int],
+                 max_steps: int | None = None):
+        self.walls, self.start, self.goal = walls, start, goal
+        self.rows, self.cols = len(walls), len(walls[0])
+        self.distance = bfs_distances(walls, goal)  # the oracle
+        if start not in self.distance:
+            raise ValueError("the goal is unreachable from the agent's start")
+        self.max_steps = max_steps if max_steps is not None else self.distance[start] + BUDGET_SLACK
+        if self.distance[start] > self.max_steps:
+            raise ValueError(f"the goal is {self.distance[start]} moves away but the budget is {self.max_steps} steps")
+        self.reset()
+
+    @classmethod
+    def from_string(cls, text: str, max_steps: int | None = None) -> "GridWorld":
+        """Parse rows separated by newlines: '#' wall, '.' floor, 'A' agent start, 'G' goal."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("layout is empty")
+        lines = [line.strip() for line in text.strip().splitlines()]
+        width = len(lines[0])
+        walls, agents, goals = [], [], []
+        for r, line in enumerate(lines):
+            if len(line) != width:
+                raise ValueError(f"layout rows are ragged: row {r} has {len(line)} cells, row 0 has {width}")
+            for c, ch in enumerate(line):
+                if ch not in (WALL, FLOOR, AGENT, GOAL):
+                    raise ValueError(f"unknown character {ch!r} at row {r}, column {c} (allowed: # . A G)")
+                agents += [(r, c)] if ch == AGENT else []
+                goals += [(r, c)] if ch == GOAL else []
+            walls.append([ch == WALL for ch in line])
+        if len(agents) != 1:
+            raise ValueError(f"layout needs exactly one 'A' (agent start), found {len(agents)}")
+        if len(goals) != 1:
+            raise ValueError(f"layout needs exactly one 'G' (goal), found {len(goals)}")
+        return cls(walls, agents[0], goals[0], max_steps)
+
+    def to_string(self, agent: tuple[int, int] | None = None) -> str:
+        """The layout as `from_string` reads it, with the agent at `agent` (default: the start)."""
+        agent = self.start if agent is None else agent
+        return "\n".join(
+            "".join(AGENT if (r, c) == agent else GOAL if (r, c) == self.goal else WALL if self.walls[r][c] else FLOOR
+                    for c in range(self.cols))
+            for r in range(self.rows))
+
+    def observation(self, agent: tuple[int, int] | None = None) -> str:
+        """The text the policy reads: the grid, cells separated by spaces, then 'action:'."""
+        grid = self.to_string(self.pos if agent is None else agent)
+        return "\n".join(" ".join(row) for row in grid.split("\n")) + "\n" + PROMPT_END
+
+    # ---- dynamics --------------------------------------------------------------------------------
+    def reset(self, agent: tuple[int, int] | None = None) -> str:
+        """Start an episode (at the layout's start, or at any reachable non-goal cell `agent`)."""
+        self.pos = self.start if agent is None else agent
+        self.steps, self.done = 0, False
+        return self.observation()
+
+    def next_pos(self, pos: tuple[int, int], action: str) -> tuple[int, int]:
+        """Where `action` leads from `pos`; a wall or the grid's edge leaves the agent in place."""
+        r, c = pos[0] + MOVES[action][0], pos[1] + MOVES[action][1]
+        inside = 0 <= r < self.rows and 0 <= c < self.cols
+        return (r, c) if inside and not self.walls[r][c] else pos
+
+    def is_good(self, action_text, pos: tuple[int, int] | None = None) -> bool:
+        """Oracle label: the action strictly lowers the shortest-path distance to the goal."""
+        pos = self.pos if pos is None else pos
+        action = parse_action(action_text)
+        return action is not None and self.distance[self.next_pos(pos, action)] < self.distance[pos]
+
+    def good_actions(self, pos: tuple[int, int] | None = None) -> list[str]:
+        return [a for a in ACTIONS if self.is_good(a, pos)]
+
+    def step(self, action_text) -> tuple[str, float, bool, dict]:
+        """Apply free-text `action_text`. Unparseable text: the agent stays, the step still counts."""
+        if self.done:
+            raise RuntimeError("the episode is over; call reset()")
+        action = parse_action(action_text)
+        good = self.is_good(action_text)
+        if action is not None:
+            self.pos = self.next_pos(self.pos, action)
+        self.steps += 1
+        success = self.pos == self.goal
+        self.done = success or self.steps >= self.max_steps
+        info = dict(valid=action is not None, good=good, success=success, action=action, steps=self.steps)
+        return self.observation(), float(success), self.done, info
+
+    def free_cells(self) -> list[tuple[int, int]]:
+        """Cells the agent can stand on that can reach the goal, goal excluded (for the warm-up)."""
+        return sorted(p for p in self.distance if p != self.goal)
+
+
+# ---- layouts -------------------------------------------------------------------------------------
+def random_layout(rng: np.random.Generator, rows: int, cols: int, num_walls: int) -> str | None:
+    """One random layout, or None when the draw is unsolvable or too easy."""
+    cells = rng.permutation(rows * cols)[: num_walls + 2]
+    walls = [[False] * cols for _ in range(rows)]
+    for i in cells[:num_walls]:
+        walls[i // cols][i % cols] = True
+    start, goal = divmod(int(cells[-2]), cols), divmod(int(cells[-1]), cols)
+    distance = bfs_distances(walls, goal)
+    if distance.get(start, 0) < MIN_START_DISTANCE:  # 0: unreachable
+        return None
+    return GridWorld(walls, start, goal).to_string()
+
+
+def sample_layouts(split: str, n: int, seed: int) -> list[str]:
+    """`n` distinct solvable layouts of `split` ("train" or "held_out"), deterministic in `seed`."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    spec = SPLITS[split]
+    rng = np.random.default_rng([seed, spec["split_id"]])  # one independent stream per (seed, split)
+    layouts, seen = [], set()
+    while len(layouts) < n:
+        num_walls = int(rng.integers(spec["min_walls"], spec["max_walls"] + 1))
+        layout = random_layout(rng, spec["rows"], spec["cols"], num_walls)
+        if layout is not None and layout not in seen:
+            seen.add(layout)
+            layouts.append(layout)
+    return layouts
+
+
+def split_of(layout: str) -> str:
+    """Which split a layout belongs to, from its wall count (the splits' ranges are disjoint)."""
+    walls = layout.count(WALL)
+    for name, spec in SPLITS.items():
+        if spec["min_walls"] <= walls <= spec["max_walls"]:
+            return name
+    return "neither"
+
+
+def coupled_pairs(split: str, n: int, seed: int) -> list[tuple[str, str, str]]:
+    """`n` (layout_good, layout_flawed, action) triples for the gradient-coupling probe.
+
+    The two layouts differ in exactly one cell: the cell that `action` leads to from the agent is
+    floor in the first (the action is good: it shortens the path) and a wall in the second (the same
+    action bumps into it: flawed). Near-identical prompts, same action, opposite labels -- the
+    situation in which the paper says reinforcing one can strengthen the other.
+    """
+    rng = np.random.default_rng([seed, SPLITS[split]["split_id"], 7])
+    pairs = []
+    for layout in sample_layouts(split, 50 * max(n, 1), seed):
+        env = GridWorld.from_string(layout)
+        pos = env.start
+        options = [a for a in env.good_actions(pos) if env.next_pos(pos, a) != env.goal]
+        if not options:
+            continue
+        action = options[rng.integers(len(options))]
+        r, c = env.next_pos(pos, action)
+        walls = [row[:] for row in env.walls]
+        walls[r][c] = True
+        if pos not in bfs_distances(walls, env.goal):  # the new wall must not cut the agent off
+            continue
+        flawed = GridWorld(walls, pos, env.goal, max_steps=10**6)
+        pairs.append((layout, flawed.to_string(), action))
+        if len(pairs) == n:
+            break
+    return pairs
