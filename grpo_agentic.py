@@ -21,9 +21,14 @@ Where this deviates from DeepSeekMath GRPO / the paper, and why:
     sequence; moves from zero-advantage groups are left out of the update (no KL: they carry no
     gradient), which also makes late iterations cheap.
  3. A is divided by the group's *population* std (ddof=0); KL to the starting policy is off by
-    default (--kl-coef), as in DAPO / Dr. GRPO practice. One epoch over the rollouts per iteration;
-    the clipped ratio only matters from the second minibatch on.
- 4. The model is tiny and the environment a toy; the paper uses LLM agents on ALFWorld/ScienceWorld.
+    default (--kl-coef), as in DAPO / Dr. GRPO practice. Two epochs over each iteration's rollouts,
+    so the PPO clip is active; the RL learning rate warms up linearly over the first iterations.
+ 4. RL trains on a fixed set of 64 train layouts (the "seen tasks"); held-out layouts are unseen
+    and denser in walls (the analogue of the paper's out-of-domain tasks).
+ 5. GCD (the paper's classification): after the move, the query " verdict:" and the actor's own LM
+    head scores " good" vs " bad"; labels are the sign of the move's advantage (or the oracle, as an
+    ablation). The paper's exact prompt, weight and label source were not available to us.
+ 6. The model is tiny and the environment a toy; the paper uses LLM agents on ALFWorld/ScienceWorld.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import toy_env
 
@@ -74,6 +80,8 @@ class Settings:
     eval_every: int = arg(25, "greedy evaluation every this many iterations (and at the end)")
     eval_tasks: int = arg(64, "layouts per split in the fixed greedy evaluation sets")
     render_every: int = arg(50, "print one sampled episode as text every this many iterations (0 = never)")
+    cls_coef: float = arg(0.0, "weight of the actor's own good/bad classification loss (GCD); 0 = plain GRPO")
+    cls_labels: str = arg("advantage", "classification labels: 'advantage' (sign of the move's GRPO advantage) or 'oracle'")
     probe_pairs: int = arg(16, "coupled (good, flawed) state pairs in the gradient-coupling probe")
     probe_step: float = arg(1e-5, "SGD step size of the probe's one-step coupling measurement")
     skip_probes: bool = arg(False, "skip the diagnostics probes (p_flawed, coupling): to measure what they cost")
@@ -84,6 +92,9 @@ class Settings:
     out_dir: str = arg("", "where metrics.jsonl, summary.json and policy/ go ('' = runs/<time>-seed<seed>)")
     overwrite: bool = arg(False, "allow writing into an --out-dir that already holds a run")
     eval_only: bool = arg(False, "only evaluate --model greedily on both splits and print a few episodes")
+    compare: bool = arg(False, "train GRPO, GRPO+cls (advantage labels), GRPO+cls (oracle labels) for each of --seeds")
+    seeds: str = arg("0 1 2", "seeds for --compare, separated by spaces")
+    plot: bool = arg(False, "plot held-out success and coupling_cos of a --compare --out-dir (needs matplotlib)")
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -121,6 +132,12 @@ def invalid_settings(s: Settings) -> str | None:
     for name in ["lr", "sft_lr", "temperature", "probe_step"]:
         if not (getattr(s, name) > 0 and math.isfinite(getattr(s, name))):
             return f"--{name.replace('_', '-')} must be a positive number, got {getattr(s, name)}"
+    if s.cls_labels not in ("advantage", "oracle"):
+        return f"--cls-labels must be 'advantage' or 'oracle', got {s.cls_labels!r}"
+    if not all(x.lstrip("-").isdigit() for x in s.seeds.split()) or not s.seeds.split():
+        return f"--seeds must be integers separated by spaces, got {s.seeds!r}"
+    if s.plot and not s.out_dir:
+        return "--plot needs --out-dir (the directory of a --compare run)"
     if s.group_size < 2:
         return f"--group-size must be >= 2 (a group of one has no baseline), got {s.group_size}"
     if s.tiny_dim % 4:
@@ -135,28 +152,25 @@ def invalid_settings(s: Settings) -> str | None:
     if s.eval_only and not s.model:
         return "--eval-only needs --model (a saved policy directory)"
     out = s.out_dir or ""
-    if out and not s.eval_only and os.path.exists(os.path.join(out, "metrics.jsonl")) and not s.overwrite:
+    done = any(os.path.exists(os.path.join(out, f)) for f in ("metrics.jsonl", "compare.md"))
+    if out and not (s.eval_only or s.plot) and done and not s.overwrite:
         return f"--out-dir {out} already holds a run; choose another directory or pass --overwrite"
     return None
 
 
 def resolve_device(name: str) -> torch.device:
     """'auto' picks cuda, then mps, then cpu; an unavailable or unknown device is a ValueError."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+        return torch.device(next(kind for kind in ("cuda", "mps", "cpu") if available[kind]))
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type not in ("cpu", "cuda", "mps"):
+        device = None
+    if device is None or device.type not in available:
         raise ValueError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine")
+    if not available[device.type]:
+        raise ValueError(f"--device {name}: {device.type.upper()} is not available on this machine")
     return device
 
 
@@ -174,7 +188,7 @@ def build_word_tokenizer():
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["[PAD]", "[UNK]", "[EOS]", *toy_env.VOCABULARY]
+    words = ["[PAD]", "[UNK]", "[EOS]", *toy_env.VOCABULARY, VERDICT_QUERY.strip(), *VERDICTS]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),  # spaces separate words...
@@ -390,6 +404,50 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
 
 # ------------------------------------------------------------------------------------------------
+# CORE: the actor classifies its own moves (the paper's GCD, section 4 of PAPER.md)
+# ------------------------------------------------------------------------------------------------
+VERDICT_QUERY = " verdict:"   # appended after the action; the LM head then scores " good" vs " bad"
+VERDICTS = ("good", "bad")
+
+
+def classification_labels(moves: list[Move], advantages: torch.Tensor, source: str) -> torch.Tensor:
+    """Per-move label, (N,): 1 = good, 0 = bad, -1 = no label.
+
+    'advantage': the sign of the move's GRPO advantage -- no oracle needed; A = 0 carries no label.
+    'oracle':    the environment's oracle label (an upper-bound ablation only a toy allows).
+    """
+    if source == "oracle":
+        return torch.tensor([int(m.good) for m in moves])
+    return torch.where(advantages > 0, 1, torch.where(advantages < 0, 0, -1))
+
+
+def verdict_logits(model, tokenizer, moves: list[Move]) -> torch.Tensor:
+    """(N, 2) scores [log p(" good" | s, a, query), log p(" bad" | s, a, query)] from the actor's own LM head.
+
+    Each verdict may span several tokens: its score is the sum of their log-probs. No new parameters.
+    """
+    device = next(model.parameters()).device
+    query = tokenizer(VERDICT_QUERY, add_special_tokens=False)["input_ids"]
+    scores = []
+    for word in VERDICTS:
+        verdict = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+        seqs = [Move(0, m.prompt_ids + m.action_ids + query, verdict, [], "", True, True) for m in moves]
+        ids, attention, mask = build_batch(seqs, tokenizer.pad_token_id, device)
+        scores.append((token_logprobs(model, ids, attention) * mask).sum(dim=1))   # (N,)
+    return torch.stack(scores, dim=1)                                                # (N, 2)
+
+
+def classification_loss(model, tokenizer, moves: list[Move], labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the 2-way verdict, mean over labelled moves: -log softmax(logits)[label]."""
+    keep = (labels >= 0).nonzero().flatten().tolist()
+    if not keep:
+        return torch.zeros((), device=next(model.parameters()).device)
+    logits = verdict_logits(model, tokenizer, [moves[i] for i in keep])             # (n, 2)
+    target = 1 - labels[keep].to(logits.device)                                     # index 0 = "good"
+    return F.cross_entropy(logits, target)
+
+
+# ------------------------------------------------------------------------------------------------
 # Diagnostics: the paper's three claims, measured (oracle labels are used here, never in the update)
 # ------------------------------------------------------------------------------------------------
 
@@ -441,6 +499,16 @@ def flawed_mass(model, tokenizer, probe: list[tuple[str, list[str]]]) -> dict:
             "p_flawed_max": float(p.masked_fill(good, 0).max(1).values.mean())}
 
 
+@torch.no_grad()
+def classification_accuracy(model, tokenizer, probe: list[tuple[str, list[str]]]) -> float:
+    """cls_acc: share of (state, action) on probe states whose verdict matches the oracle, all 4 actions."""
+    prompts = encode_prompts(tokenizer, [o for o, _ in probe])
+    moves = [Move(0, p, action_ids_for(tokenizer, a), [], a, True, a in good)
+             for p, (_, good) in zip(prompts, probe) for a in toy_env.ACTIONS]
+    predicted_good = verdict_logits(model, tokenizer, moves).argmax(dim=1) == 0
+    return float((predicted_good.cpu() == torch.tensor([m.good for m in moves])).float().mean())
+
+
 def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], step_size: float) -> dict:
     """Gradient coupling between near-identical states, mean over (s_good, s_flawed, a) pairs:
 
@@ -467,14 +535,10 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], step_siz
         out["coupling_pred"].append(step_size * float(g_good @ g_flawed))
         with torch.no_grad():
             before = float(action_logprobs(model, tokenizer, [obs[1]], [action])[0])
-            backup = [p.detach().clone() for p in params]
-            offset = 0
-            for p in params:  # theta += step_size * g_good, one parameter at a time
-                p.add_(step_size * g_good[offset: offset + p.numel()].view_as(p))
-                offset += p.numel()
+            theta = parameters_to_vector(params)                                     # a copy, (num_params,)
+            vector_to_parameters(theta + step_size * g_good, params)                 # one SGD step up on s_good
             after = float(action_logprobs(model, tokenizer, [obs[1]], [action])[0])
-            for p, b in zip(params, backup):
-                p.copy_(b)
+            vector_to_parameters(theta, params)                                      # exactly as before
             ids, mask = left_pad(encode_prompts(tokenizer, obs), tokenizer.pad_token_id, g_good.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions,
@@ -531,8 +595,10 @@ def evaluate(model, tokenizer, layouts: list[str], s: Settings) -> dict:
 def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, optimizer, s: Settings, ref_model=None):
     """One epoch of clipped-surrogate steps over the moves (advantage per move, (N,))."""
     device = next(model.parameters()).device
-    keep = [i for i in range(len(moves)) if advantages[i] != 0 or s.kl_coef > 0]  # A = 0 => no gradient
-    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "update_moves": len(keep)}
+    labels = classification_labels(moves, advantages, s.cls_labels)                          # (N,)
+    # A = 0 => no policy gradient; such moves stay only for the KL term or an oracle label
+    keep = [i for i in range(len(moves)) if advantages[i] != 0 or s.kl_coef > 0 or (s.cls_coef > 0 and labels[i] >= 0)]
+    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "cls_loss": float("nan"), "update_moves": len(keep)}
     minibatches = [keep[i: i + s.minibatch_moves] for i in range(0, len(keep), s.minibatch_moves)]
     batches = []
     for idx in minibatches:  # old log-probs: the policy that sampled, before any step of this epoch
@@ -540,10 +606,17 @@ def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, o
         with torch.no_grad():
             old = token_logprobs(model, ids, attention, s.temperature)
             ref = token_logprobs(ref_model, ids, attention, s.temperature) if ref_model is not None else None
-        batches.append((ids, attention, action_mask, old, ref, advantages[idx].to(device)))
-    for ids, attention, action_mask, old, ref, adv in batches * s.epochs:
+        batches.append((idx, ids, attention, action_mask, old, ref, advantages[idx].to(device)))
+    cls_losses = []
+    for idx, ids, attention, action_mask, old, ref, adv in batches * s.epochs:
         logp = token_logprobs(model, ids, attention, s.temperature)
-        loss, info = grpo_loss(logp, old, adv, action_mask, s.clip_eps, ref, s.kl_coef)
+        # the policy term averages over tokens of A != 0 moves only, as without the head (KL: all moves)
+        pg_mask = action_mask if s.kl_coef > 0 else action_mask * (adv != 0).float()[:, None]
+        loss, info = grpo_loss(logp, old, adv, pg_mask, s.clip_eps, ref, s.kl_coef)
+        if s.cls_coef > 0:
+            cls_loss = classification_loss(model, tokenizer, [moves[i] for i in idx], labels[idx])
+            loss = loss + s.cls_coef * cls_loss
+            cls_losses.append(cls_loss.item())
         if not torch.isfinite(loss):
             raise NonFiniteError(f"the GRPO loss is {float(loss)}")
         optimizer.zero_grad(set_to_none=True)
@@ -553,6 +626,8 @@ def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, o
         for k in ("clip_frac", "kl"):
             stats[k] += info[k] / (len(batches) * s.epochs)
         stats["loss"] += loss.item() / (len(batches) * s.epochs)
+    if cls_losses:
+        stats["cls_loss"] = float(np.mean(cls_losses))
     return stats
 
 
@@ -583,9 +658,6 @@ def train(s: Settings, out_dir: str, log=print) -> dict:
         log(f"warm-up: {s.sft_steps} steps, nll {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} ({sft_seconds:.1f}s)")
     ref_model = copy.deepcopy(model).eval() if s.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
-    # Linear warm-up of the RL learning rate: Adam's first steps have size ~lr in every coordinate
-    # whatever the gradient's size, and a noisy policy gradient would otherwise undo the warm-up.
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: min(1.0, (it + 1) / max(1, s.lr_warmup_iters)))
     timing = {"sft_s": sft_seconds, "rollout_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
     evals, decisions = {}, 0
 
@@ -598,13 +670,19 @@ def train(s: Settings, out_dir: str, log=print) -> dict:
             f"held-out {evals['held_out']['success']:.2f}")
 
     probe_states = [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, pool)]
+    held_out_probe = [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, eval_sets["held_out"])]
     pairs = toy_env.coupled_pairs("train", s.probe_pairs, seed=s.data_seed)
+
+    def probes():
+        return {**flawed_mass(model, tokenizer, probe_states), **coupling_probe(model, tokenizer, pairs, s.probe_step),
+                "cls_acc": classification_accuracy(model, tokenizer, held_out_probe)}
+
     t = time.time()  # the probes run with each evaluation: they cost more than an iteration
-    coupling = {0: {} if s.skip_probes else {**flawed_mass(model, tokenizer, probe_states), **coupling_probe(model, tokenizer, pairs, s.probe_step)}}
+    coupling = {0: {} if s.skip_probes else probes()}
     timing["probe_s"] = time.time() - t
     log(f"probe @ iter 0: " + " | ".join(f"{k} {v:+.4f}" for k, v in coupling[0].items()))
     run_eval(0)
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "w")
+    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "w")  # one line per iteration, flushed
     bar = tqdm(range(1, s.iters + 1), desc="GRPO", unit="it", dynamic_ncols=True, disable=None)
     for it in bar:
         batch_layouts = [pool[k] for k in rng.integers(len(pool), size=s.tasks_per_iter)]
@@ -614,8 +692,11 @@ def train(s: Settings, out_dir: str, log=print) -> dict:
         advantages = grpo_advantages(rewards).flatten()                  # (B*G,) one per episode
         move_adv = advantages[[m.episode for m in moves]]                 # (N,) each move inherits it
         t = time.time()
+        # Linear warm-up of the RL learning rate: Adam's first steps have size ~lr in every coordinate
+        # whatever the gradient's size, and a noisy policy gradient would otherwise undo the warm-up.
+        for group in optimizer.param_groups:
+            group["lr"] = s.lr * min(1.0, it / max(1, s.lr_warmup_iters))
         stats = grpo_update(model, tokenizer, moves, move_adv, optimizer, s, ref_model)
-        warmup.step()
         upd_s = time.time() - t
         timing["rollout_s"] += roll_s
         timing["update_s"] += upd_s
@@ -623,7 +704,7 @@ def train(s: Settings, out_dir: str, log=print) -> dict:
         t = time.time()
         diagnostics = flawed_step_stats(moves, move_adv)
         if (it % s.eval_every == 0 or it == s.iters) and not s.skip_probes:
-            coupling[it] = {**flawed_mass(model, tokenizer, probe_states), **coupling_probe(model, tokenizer, pairs, s.probe_step)}
+            coupling[it] = probes()
             diagnostics.update(coupling[it])
             bar.write(f"probe @ iter {it}: " + " | ".join(f"{k} {v:+.4f}" for k, v in coupling[it].items()))
         timing["probe_s"] += time.time() - t
@@ -635,19 +716,18 @@ def train(s: Settings, out_dir: str, log=print) -> dict:
         if it % s.eval_every == 0 or it == s.iters:
             run_eval(it)
             row.update(eval_train_success=evals["train"]["success"], eval_held_out_success=evals["held_out"]["success"])
-        metrics_file.write(json.dumps(row) + "\n")
+        metrics_file.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")  # NaN -> null
         metrics_file.flush()
         bar.write(f"it {it:3d} | succ {row['success']:.2f} | valid {row['valid_frac']:.2f} | good {row['good_frac']:.2f} | "
                   f"mixed {row['mixed_groups']:.2f} | |A| {row['adv_abs_mean']:.2f} | loss {row['loss']:+.4f} | "
                   f"clip {row['clip_frac']:.2f} | A flawed {row['adv_flawed_mean']:+.2f} good {row['adv_good_mean']:+.2f} "
-                  f"(flawed A>0 {row['flawed_pos_adv_frac']:.2f}) | "
-                  f"roll {roll_s:.2f}s upd {upd_s:.2f}s")
+                  f"(flawed A>0 {row['flawed_pos_adv_frac']:.2f}) | " + (f"cls {row['cls_loss']:.3f} | " if s.cls_coef else "")
+                  + f"roll {roll_s:.2f}s upd {upd_s:.2f}s")
         if s.render_every and it % s.render_every == 0:
             bar.write(f"-- a sampled episode at iter {it} --\n" + render_episode(moves, envs[0], 0))
     metrics_file.close()
-    if s.iters == 0 or not evals:
-        run_eval(s.iters)
-    return {"eval_train_success": evals["train"]["success"], "coupling_start": coupling[0], "coupling_end": coupling[max(coupling)], "eval_held_out_success": evals["held_out"]["success"],
+    return {"eval_train_success": evals["train"]["success"], "eval_held_out_success": evals["held_out"]["success"],
+            "coupling_start": coupling[0], "coupling_end": coupling[max(coupling)],
             "eval_train_valid_frac": evals["train"]["valid_frac"], "eval_held_out_valid_frac": evals["held_out"]["valid_frac"],
             "decisions_per_second": decisions / max(timing["rollout_s"], 1e-9), **{k: round(v, 2) for k, v in timing.items()},
             "wall_seconds": round(time.time() - start, 2), "model": model, "tokenizer": tokenizer}
@@ -666,24 +746,12 @@ def eval_only(s: Settings) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    s = parse_settings(argv)
-    print("settings: " + json.dumps(dataclasses.asdict(s)))
-    try:
-        if s.eval_only:
-            return eval_only(s)
-        out_dir = s.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-seed{s.seed}")
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "settings.json"), "w") as f:
-            json.dump(dataclasses.asdict(s), f, indent=1)
-        summary = train(s, out_dir)
-    except NonFiniteError as e:
-        print(f"grpo_agentic.py: stopped: {e}. metrics.jsonl holds every finished iteration; "
-              "no policy was saved. Try a smaller --lr.", file=sys.stderr)
-        return 1
-    except (OSError, ValueError) as e:  # e.g. a --model that transformers cannot load
-        print(f"grpo_agentic.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+def run(s: Settings, out_dir: str) -> dict:
+    """One training run: settings.json first, then metrics.jsonl as it goes, then policy/ and summary.json."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "settings.json"), "w") as f:
+        json.dump(dataclasses.asdict(s), f, indent=1)
+    summary = train(s, out_dir)
     model, tokenizer = summary.pop("model"), summary.pop("tokenizer")
     model.save_pretrained(os.path.join(out_dir, "policy"))
     tokenizer.save_pretrained(os.path.join(out_dir, "policy"))
@@ -692,6 +760,79 @@ def main(argv: list[str] | None = None) -> int:
     print(f"done in {summary['wall_seconds']:.0f}s: greedy success train {summary['eval_train_success']:.2f}, "
           f"held-out {summary['eval_held_out_success']:.2f}; {summary['decisions_per_second']:.0f} decisions/s in "
           f"rollouts; outputs in {out_dir}/")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------
+# The side-by-side experiment: GRPO vs GRPO + classification (advantage / oracle labels)
+# ------------------------------------------------------------------------------------------------
+TABLE_COLUMNS = {"train success": "eval_train_success", "held-out success": "eval_held_out_success",
+                 "coupling_cos": "coupling_cos", "hidden_cos": "hidden_cos", "p_flawed": "p_flawed", "cls_acc": "cls_acc"}
+
+
+def compare(s: Settings, out_dir: str) -> str:
+    """Train the three arms for every seed with the same budget; return a markdown table (mean +- std)."""
+    coef = s.cls_coef if s.cls_coef > 0 else 0.5
+    arms = {"grpo": (0.0, "advantage"), "grpo+cls-advantage": (coef, "advantage"), "grpo+cls-oracle": (coef, "oracle")}
+    rows = [f"| arm (--cls-coef {coef} for +cls) | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
+    for arm, (cls_coef, labels) in arms.items():
+        results = []
+        for seed in map(int, s.seeds.split()):
+            arm_settings = dataclasses.replace(s, seed=seed, cls_coef=cls_coef, cls_labels=labels, compare=False)
+            summary = run(arm_settings, os.path.join(out_dir, f"{arm}-seed{seed}"))
+            results.append({**summary["coupling_end"], **summary})
+        cells = [f"{np.mean([r[k] for r in results]):.3f} ± {np.std([r[k] for r in results]):.3f}" for k in TABLE_COLUMNS.values()]
+        rows.append(f"| {arm} | " + " | ".join(cells) + " |")
+    table = "\n".join(rows) + f"\n\n{len(s.seeds.split())} seeds ({s.seeds}); std over seeds (ddof=0); end of training.\n"
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write(table)
+    return table
+
+
+def plot(out_dir: str) -> str:
+    """compare.png: held-out greedy success and coupling_cos over training, mean over seeds per arm."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    runs = sorted(d for d in os.listdir(out_dir) if os.path.exists(os.path.join(out_dir, d, "metrics.jsonl")))
+    for arm in sorted({d.rsplit("-seed", 1)[0] for d in runs}):
+        curves = []
+        for d in (d for d in runs if d.rsplit("-seed", 1)[0] == arm):
+            with open(os.path.join(out_dir, d, "metrics.jsonl")) as f:
+                curves.append([json.loads(line) for line in f if "coupling_cos" in line])
+        for ax, key in zip(axes, ("eval_held_out_success", "coupling_cos")):
+            steps = [r["iter"] for r in curves[0]]
+            ax.plot(steps, np.mean([[r[key] for r in c] for c in curves], axis=0), marker="o", label=f"{arm} ({len(curves)} seeds)")
+            ax.set_xlabel("GRPO iteration"), ax.set_title(key), ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "compare.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_settings(argv)
+    print("settings: " + json.dumps(dataclasses.asdict(s)))
+    out_dir = s.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + ("-compare" if s.compare else f"-seed{s.seed}"))
+    try:
+        if s.eval_only:
+            return eval_only(s)
+        if s.plot:
+            print(f"wrote {plot(out_dir)}")
+        elif s.compare:
+            print(compare(s, out_dir))
+        else:
+            run(s, out_dir)
+    except NonFiniteError as e:
+        print(f"grpo_agentic.py: stopped: {e}. metrics.jsonl holds every finished iteration; "
+              "no policy was saved. Try a smaller --lr.", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, ImportError) as e:  # e.g. a --model that transformers cannot load
+        print(f"grpo_agentic.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

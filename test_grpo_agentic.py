@@ -207,3 +207,169 @@ def test_clipped_loss_hand_computed():
     assert info["clip_frac"] == 1.0  # |ratio - 1| > eps for both tokens (0.649 and 0.393)
     loss, _ = ga.grpo_loss(logp, old, torch.tensor([-1.0]), mask, clip_eps=0.2)  # A < 0: min picks the clipped 0.8
     assert abs(float(loss) - (np.exp(0.5) + 0.8) / 2) < 1e-6
+
+
+# ---- the paper's analysis (Lemma 3.1, Theorem 3.2, gradient coupling) -------------------------------
+
+@pytest.mark.parametrize("q, r", [(0.3, 0.4), (0.6, 0.2)])
+def test_lemma_3_1_flawed_action_has_negative_expected_advantage(q, r):
+    """Bandit: flawed action w.p. q; success prob p with the good action, p - r with the flawed one.
+    With the group-mean baseline (which includes the sample itself) E[A * 1{flawed}] = (G-1)/G * q*r*(q-1)."""
+    p, G, groups = 0.7, 8, 200_000
+    gen = torch.Generator().manual_seed(0)
+    flawed = torch.rand(groups, G, generator=gen) < q
+    success_prob = torch.where(flawed, p - r, p)
+    rewards = (torch.rand(groups, G, generator=gen) < success_prob).float()
+    raw = ga.grpo_advantages(rewards, scale_by_std=False)
+    expected = (G - 1) / G * q * r * (q - 1)
+    assert abs(float((raw * flawed).mean()) - expected) < 0.1 * abs(expected)
+    assert float((ga.grpo_advantages(rewards) * flawed).mean()) < 0          # the sign holds with std scaling
+    assert float((raw[flawed] > 0).float().mean()) > 0.2                     # yet many flawed steps get A > 0
+
+
+def test_squeezing_raises_the_likely_bad_action_but_bad_mass_falls():
+    probs = torch.tensor([0.3, 0.5, 0.2])                # bad (pushed down), bad (most likely), good
+    new = ga.squeezing_step(probs, action=0, advantage=-1.0, lr=0.5)
+    assert new[1] > probs[1]                              # squeezing: the other bad action gains
+    assert new[0] + new[1] < probs[0] + probs[1]          # total bad mass falls
+    assert new[2] > probs[2]                              # the good action gains
+    assert torch.allclose(new.sum(), torch.tensor(1.0))
+
+
+def test_coupled_pairs_differ_in_one_cell_with_opposite_labels():
+    for split in ("train", "held_out"):
+        pairs = toy_env.coupled_pairs(split, 10, seed=2)
+        assert len(pairs) == 10 and pairs == toy_env.coupled_pairs(split, 10, seed=2)
+        for good, flawed, action in pairs:
+            assert sum(a != b for a, b in zip(good, flawed)) == 1
+            assert toy_env.GridWorld.from_string(good).is_good(action)
+            assert not toy_env.GridWorld.from_string(flawed).is_good(action)
+
+
+def test_coupling_probe_identical_states_and_first_order_agreement(tiny):
+    s, model, tokenizer = tiny
+    layout = toy_env.coupled_pairs("train", 1, seed=0)[0][0]
+    action = toy_env.GridWorld.from_string(layout).good_actions()[0]
+    same = ga.coupling_probe(model, tokenizer, [(layout, layout, action)], step_size=1e-4)
+    assert abs(same["coupling_cos"] - 1) < 1e-5 and abs(same["hidden_cos"] - 1) < 1e-5
+    result = ga.coupling_probe(model, tokenizer, toy_env.coupled_pairs("train", 8, seed=0), step_size=1e-4)
+    assert np.sign(result["coupling_step"]) == np.sign(result["coupling_pred"])
+    assert abs(result["coupling_step"] - result["coupling_pred"]) < 0.25 * abs(result["coupling_pred"])
+
+
+def test_probes_leave_model_grads_and_optimizer_untouched(tiny):
+    s, model, tokenizer = tiny
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    moves, _, _ = ga.rollout(model, tokenizer, toy_env.sample_layouts("train", 2, 0), 2, s, generator=torch.Generator().manual_seed(0))
+    ga.grpo_update(model, tokenizer, moves, torch.linspace(-1, 1, len(moves)), optimizer, s)  # fills grads and Adam state
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    adam = {k: v.clone() for k, v in optimizer.state[next(model.parameters())].items()}
+    ga.coupling_probe(model, tokenizer, toy_env.coupled_pairs("train", 3, seed=0), step_size=1e-2)
+    ga.flawed_mass(model, tokenizer, [(toy_env.GridWorld.from_string(LAYOUT).observation(), ["right", "down"])])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+    assert all(torch.equal(v, optimizer.state[next(model.parameters())][k]) for k, v in adam.items())
+
+
+# ---- the command line -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    result = run_cli(*TINY, "--iters", "4", "--eval-every", "2", "--out-dir", str(out / "a"))
+    return out, result
+
+
+def test_cli_run_writes_metrics_summary_and_a_loadable_policy(cli_run):
+    out, result = cli_run
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in (out / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in rows] == [1, 2, 3, 4]
+    for key in ("success", "valid_frac", "adv_flawed_mean", "adv_good_mean", "flawed_pos_adv_frac", "flawed_frac"):
+        assert key in rows[0]
+    for key in ("p_flawed", "p_flawed_max", "coupling_cos", "coupling_step", "hidden_cos"):
+        assert key in rows[1]
+    summary = json.loads((out / "a" / "summary.json").read_text())
+    for key in ("eval_train_success", "eval_held_out_success", "wall_seconds", "settings"):
+        assert key in summary
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(out / "a" / "policy")
+    tokenizer = AutoTokenizer.from_pretrained(out / "a" / "policy")
+    assert tokenizer.decode(ga.action_ids_for(tokenizer, "left"), skip_special_tokens=True) == "left"
+    assert model.config.n_layer == 1
+    again = run_cli("--eval-only", "--model", str(out / "a" / "policy"), "--eval-tasks", "8")
+    assert again.returncode == 0 and "greedy success" in again.stdout
+
+
+def test_same_seed_same_metrics_on_cpu(cli_run):
+    out, first = cli_run
+    second = run_cli(*TINY, "--iters", "4", "--eval-every", "2", "--out-dir", str(out / "b"))
+    assert second.returncode == 0, second.stderr
+    strip = lambda path: [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")} for l in path.read_text().splitlines()]
+    assert strip(out / "a" / "metrics.jsonl") == strip(out / "b" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--iters", "-1"], "--iters must be >= 1"),
+    (["--group-size", "1"], "--group-size must be >= 2"),
+    (["--device", "tpu"], "--device"),
+    (["--model", "./no/such/model"], "no such file"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--iters", "ten"], "invalid int value"),
+])
+def test_bad_command_line_is_one_clear_line_and_exit_2(args, message, tmp_path):
+    result = run_cli(*args, "--out-dir", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()  # stopped before any work
+
+
+def test_existing_run_is_never_overwritten(cli_run):
+    out, _ = cli_run
+    before = (out / "a" / "metrics.jsonl").read_text()
+    result = run_cli(*TINY, "--iters", "1", "--out-dir", str(out / "a"))
+    assert result.returncode == 2 and "already holds a run" in result.stderr
+    assert (out / "a" / "metrics.jsonl").read_text() == before
+
+
+def test_non_finite_loss_stops_cleanly_and_keeps_outputs(tmp_path):
+    # the KL term keeps every move in the update, so the absurd step happens even if all groups tie
+    result = run_cli(*TINY, "--iters", "6", "--lr", "1e30", "--lr-warmup-iters", "0", "--kl-coef", "0.1", "--out-dir", str(tmp_path))
+    assert result.returncode == 1 and "stopped" in result.stderr and "Traceback" not in result.stderr
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line)  # every line written before the stop is valid JSON
+
+
+# ---- another tokenizer: actions span several tokens ---------------------------------------------------
+
+def test_byte_level_bpe_model_trains_end_to_end(tmp_path):
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    corpus = [toy_env.GridWorld.from_string(x).observation() for x in toy_env.sample_layouts("train", 50, 0)]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus + ["up down left right"], vocab_size=300, min_frequency=1, special_tokens=["<|eos|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|eos|>")  # no pad token: eos is used
+    assert any(len(ga.action_ids_for(tokenizer, a)) > 2 for a in toy_env.ACTIONS)  # some action is >1 token + eos
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    s = ga.Settings(model=str(tmp_path / "m"), iters=2, train_tasks=8, eval_tasks=4, tasks_per_iter=2, group_size=2,
+                    sft_steps=3, sft_batch=8, max_action_tokens=6, probe_pairs=2, render_every=0)
+    summary = ga.train(s, str(tmp_path), log=lambda *_: None)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(np.isfinite(r["loss"]) for r in rows)
+    assert 0.0 <= summary["eval_train_success"] <= 1.0
+
+
+# ---- it learns -------------------------------------------------------------------------------------
+
+def test_short_seeded_run_improves_over_the_untrained_policy(tmp_path):
+    s = ga.Settings(iters=40, train_tasks=16, eval_tasks=16, tasks_per_iter=8, sft_steps=40, render_every=0,
+                    eval_every=40, probe_pairs=2, tiny_layers=2, tiny_dim=64)
+    model, tokenizer = ga.load_policy(s, torch.device("cpu"))
+    untrained = ga.evaluate(model, tokenizer, ga.task_sets(s)[1]["train"], s)["success"]
+    summary = ga.train(s, str(tmp_path), log=lambda *_: None)
+    assert summary["eval_train_success"] >= untrained + 0.4
