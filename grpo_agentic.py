@@ -61,13 +61,13 @@ def arg(default, help: str):
 @dataclass
 class Settings:
     seed: int = arg(0, "random seed (layouts, init, sampling); same seed on CPU = same metrics.jsonl")
-    iters: int = arg(200, "GRPO iterations (each: rollouts of B x G episodes, then one update)")
+    iters: int = arg(250, "GRPO iterations (each: rollouts of B x G episodes, then one update)")
     train_tasks: int = arg(64, "size of the fixed set of train-split layouts that RL (and the warm-up) sees")
     data_seed: int = arg(0, "seed of the train and held-out layout sets (fixed across training seeds)")
     tasks_per_iter: int = arg(16, "B: distinct train layouts per iteration")
     group_size: int = arg(8, "G: episodes per layout; the advantage baseline is this group's mean")
     lr: float = arg(5e-4, "AdamW learning rate of the GRPO phase")
-    lr_warmup_iters: int = arg(10, "iterations over which the GRPO learning rate rises linearly to --lr")
+    lr_warmup_iters: int = arg(10, "iterations over which the GRPO learning rate rises linearly to --lr (then decays to 0)")
     clip_eps: float = arg(0.2, "PPO clip range epsilon on the token probability ratio")
     kl_coef: float = arg(0.0, "weight of the KL penalty to the policy at the start of RL (0 = off)")
     epochs: int = arg(2, "passes over each iteration's rollouts (PPO epochs); the clip matters from the 2nd step on")
@@ -692,10 +692,11 @@ def train(s: Settings, out_dir: str, log=print) -> dict:
         advantages = grpo_advantages(rewards).flatten()                  # (B*G,) one per episode
         move_adv = advantages[[m.episode for m in moves]]                 # (N,) each move inherits it
         t = time.time()
-        # Linear warm-up of the RL learning rate: Adam's first steps have size ~lr in every coordinate
-        # whatever the gradient's size, and a noisy policy gradient would otherwise undo the warm-up.
+        # Linear warm-up of the RL learning rate (Adam's first steps have size ~lr in every coordinate
+        # whatever the gradient's size: a noisy policy gradient would undo the warm-up), then linear
+        # decay to 0 so that the final policy settles instead of oscillating around the optimum.
         for group in optimizer.param_groups:
-            group["lr"] = s.lr * min(1.0, it / max(1, s.lr_warmup_iters))
+            group["lr"] = s.lr * min(1.0, it / max(1, s.lr_warmup_iters)) * (s.iters - it + 1) / s.iters
         stats = grpo_update(model, tokenizer, moves, move_adv, optimizer, s, ref_model)
         upd_s = time.time() - t
         timing["rollout_s"] += roll_s
