@@ -596,8 +596,9 @@ def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, o
     """One epoch of clipped-surrogate steps over the moves (advantage per move, (N,))."""
     device = next(model.parameters()).device
     labels = classification_labels(moves, advantages, s.cls_labels)                          # (N,)
-    # A = 0 => no policy gradient; such moves stay only for the KL term or an oracle label
-    keep = [i for i in range(len(moves)) if advantages[i] != 0 or s.kl_coef > 0 or (s.cls_coef > 0 and labels[i] >= 0)]
+    # A = 0 => no policy gradient: such moves stay only for the KL term. Both label sources thus
+    # classify the same moves, and the oracle arm costs no more than the advantage arm.
+    keep = [i for i in range(len(moves)) if advantages[i] != 0 or s.kl_coef > 0]
     stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "cls_loss": float("nan"), "update_moves": len(keep)}
     minibatches = [keep[i: i + s.minibatch_moves] for i in range(0, len(keep), s.minibatch_moves)]
     batches = []
