@@ -1,6 +1,6 @@
 """Agentic GRPO on a text gridworld, in one file -- a teaching reference for arXiv 2509.23870.
 
-    pip install -r requirements.txt && python grpo_agentic.py      # ~2 min on 2 CPU cores
+    pip install -r requirements.txt && python grpo_agentic.py      # ~80 s on 2 CPU cores
     python grpo_agentic.py --help                                  # every setting, with its meaning
     python grpo_agentic.py --eval-only --model runs/<run>/policy   # greedy success of a saved policy
     python grpo_agentic.py --model path/to/any/causal-lm           # any `transformers` causal LM
@@ -198,7 +198,7 @@ def build_word_tokenizer():
 
 
 def build_tiny_model(tokenizer, s: Settings):
-    """A small GPT-2 from a config (random init). 3 layers x 96 wide is ~0.35 M parameters."""
+    """A small GPT-2 from a config (random init). 3 layers x 96 wide is ~0.34 M parameters."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=s.tiny_dim, n_layer=s.tiny_layers,
