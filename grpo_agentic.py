@@ -232,12 +232,13 @@ def load_policy(s: Settings, device: torch.device):
 # ------------------------------------------------------------------------------------------------
 
 
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists for generation; returns ids and attention mask, both (N, P)."""
+def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad prompts for generation: ids, attention mask and position ids, each (N, P).
+    Positions count real tokens only, so the padding is invisible to the model."""
     width = max(len(x) for x in seqs)
     ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in seqs], device=device)        # (N, P)
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], device=device)  # (N, P)
-    return ids, mask
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
@@ -248,12 +249,10 @@ def generate_actions(model, tokenizer, prompts: list[list[int]], max_tokens: int
     Our own loop rather than `model.generate`, so the tokens come from exactly softmax(logits / T):
     no top-k/top-p/repetition processors from a model's generation_config sneak in, and the
     log-probs the loss later recomputes belong to the distribution we really sampled from.
-    Positions come from the attention mask, so left padding is invisible to the model.
     """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
-    ids, mask = left_pad(prompts, tokenizer.pad_token_id, device)     # (N, P)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)                     # (N, P)
+    ids, mask, positions = left_pad(prompts, tokenizer.pad_token_id, device)  # each (N, P)
     n = len(prompts)
     actions, logps = [[] for _ in range(n)], [[] for _ in range(n)]
     finished = torch.zeros(n, dtype=torch.bool, device=device)        # (N,)
@@ -269,9 +268,10 @@ def generate_actions(model, tokenizer, prompts: list[list[int]], max_tokens: int
         else:
             token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)  # (N,)
         token_logp = logprobs.gather(1, token[:, None]).squeeze(1)      # (N,)
+        tokens, token_logps = token.tolist(), token_logp.tolist()
         for i in (~finished).nonzero().flatten().tolist():
-            actions[i].append(int(token[i]))
-            logps[i].append(float(token_logp[i]))
+            actions[i].append(tokens[i])
+            logps[i].append(token_logps[i])
         finished |= token == eos
         if finished.all():
             break
@@ -378,6 +378,12 @@ def token_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, temperatur
     return F.pad(picked, (1, 0))                                            # (N, T)
 
 
+def sequence_logprobs(model, moves: list[Move], pad_id: int, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(action_ids | prompt_ids) of each move: the sum over its action tokens, (N,)."""
+    ids, attention, mask = build_batch(moves, pad_id, next(model.parameters()).device)     # (N, T) each
+    return (token_logprobs(model, ids, attention, temperature) * mask).sum(dim=1)
+
+
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, action_mask: torch.Tensor,
               clip_eps: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0):
     """PPO-clipped surrogate over action tokens, token-level average. All tensors (N, T) but advantages (N,).
@@ -426,14 +432,12 @@ def verdict_logits(model, tokenizer, moves: list[Move]) -> torch.Tensor:
 
     Each verdict may span several tokens: its score is the sum of their log-probs. No new parameters.
     """
-    device = next(model.parameters()).device
     query = tokenizer(VERDICT_QUERY, add_special_tokens=False)["input_ids"]
     scores = []
     for word in VERDICTS:
         verdict = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
         seqs = [Move(0, m.prompt_ids + m.action_ids + query, verdict, [], "", True, True) for m in moves]
-        ids, attention, mask = build_batch(seqs, tokenizer.pad_token_id, device)
-        scores.append((token_logprobs(model, ids, attention) * mask).sum(dim=1))   # (N,)
+        scores.append(sequence_logprobs(model, seqs, tokenizer.pad_token_id))      # (N,)
     return torch.stack(scores, dim=1)                                                # (N, 2)
 
 
@@ -483,8 +487,7 @@ def action_logprobs(model, tokenizer, observations: list[str], actions: list[str
     """log pi(action | observation) of whole actions (all their tokens and the end-of-text), (N,)."""
     prompts = encode_prompts(tokenizer, observations)
     moves = [Move(0, p, action_ids_for(tokenizer, a), [], a, True, True) for p, a in zip(prompts, actions)]
-    ids, attention, mask = build_batch(moves, tokenizer.pad_token_id, next(model.parameters()).device)
-    return (token_logprobs(model, ids, attention, temperature) * mask).sum(dim=1)
+    return sequence_logprobs(model, moves, tokenizer.pad_token_id, temperature)
 
 
 @torch.no_grad()
@@ -526,21 +529,20 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], step_siz
     out = {"coupling_cos": [], "coupling_step": [], "coupling_pred": [], "hidden_cos": []}
     for good_layout, flawed_layout, action in pairs:
         obs = [toy_env.GridWorld.from_string(x).observation() for x in (good_layout, flawed_layout)]
-        grads = []
+        grads, logps = [], []
         for o in obs:
             logp = action_logprobs(model, tokenizer, [o], [action])[0]
             grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(logp, params)]))
-        g_good, g_flawed = grads
+            logps.append(float(logp))
+        (g_good, g_flawed), before = grads, logps[1]
         out["coupling_cos"].append(float(F.cosine_similarity(g_good, g_flawed, dim=0)))
         out["coupling_pred"].append(step_size * float(g_good @ g_flawed))
         with torch.no_grad():
-            before = float(action_logprobs(model, tokenizer, [obs[1]], [action])[0])
             theta = parameters_to_vector(params)                                     # a copy, (num_params,)
             vector_to_parameters(theta + step_size * g_good, params)                 # one SGD step up on s_good
             after = float(action_logprobs(model, tokenizer, [obs[1]], [action])[0])
             vector_to_parameters(theta, params)                                      # exactly as before
-            ids, mask = left_pad(encode_prompts(tokenizer, obs), tokenizer.pad_token_id, g_good.device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask, positions = left_pad(encode_prompts(tokenizer, obs), tokenizer.pad_token_id, g_good.device)
             hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                            output_hidden_states=True).hidden_states[-1][:, -1]          # (2, d)
         out["coupling_step"].append(after - before)
@@ -563,11 +565,12 @@ def sft_warmup(model, tokenizer, layouts: list[str], s: Settings, rng: np.random
     """Supervised warm-up: maximise log pi(oracle move | random state), action tokens only."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.sft_lr)
     device = next(model.parameters()).device
+    envs = [toy_env.GridWorld.from_string(x) for x in layouts]
     losses = []
     for _ in range(s.sft_steps):
         batch = []
         for k in rng.integers(len(layouts), size=s.sft_batch):
-            env = toy_env.GridWorld.from_string(layouts[k])
+            env = envs[k]
             cells = env.free_cells()
             pos = cells[rng.integers(len(cells))]
             good = env.good_actions(pos)
@@ -593,7 +596,7 @@ def evaluate(model, tokenizer, layouts: list[str], s: Settings) -> dict:
 
 
 def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, optimizer, s: Settings, ref_model=None):
-    """One epoch of clipped-surrogate steps over the moves (advantage per move, (N,))."""
+    """`s.epochs` passes of clipped-surrogate steps over the moves (advantage per move, (N,))."""
     device = next(model.parameters()).device
     labels = classification_labels(moves, advantages, s.cls_labels)                          # (N,)
     # A = 0 => no policy gradient: such moves stay only for the KL term. Both label sources thus
@@ -611,9 +614,7 @@ def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, o
     cls_losses = []
     for idx, ids, attention, action_mask, old, ref, adv in batches * s.epochs:
         logp = token_logprobs(model, ids, attention, s.temperature)
-        # the policy term averages over tokens of A != 0 moves only, as without the head (KL: all moves)
-        pg_mask = action_mask if s.kl_coef > 0 else action_mask * (adv != 0).float()[:, None]
-        loss, info = grpo_loss(logp, old, adv, pg_mask, s.clip_eps, ref, s.kl_coef)
+        loss, info = grpo_loss(logp, old, adv, action_mask, s.clip_eps, ref, s.kl_coef)
         if s.cls_coef > 0:
             cls_loss = classification_loss(model, tokenizer, [moves[i] for i in idx], labels[idx])
             loss = loss + s.cls_coef * cls_loss
@@ -670,8 +671,10 @@ def train(s: Settings, out_dir: str, log=print) -> dict:
         log(f"eval @ iter {it}: greedy success train {evals['train']['success']:.2f} | "
             f"held-out {evals['held_out']['success']:.2f}")
 
-    probe_states = [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, pool)]
-    held_out_probe = [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, eval_sets["held_out"])]
+    def start_states(layouts):  # (observation, good moves) at each layout's start
+        return [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, layouts)]
+
+    probe_states, held_out_probe = start_states(pool), start_states(eval_sets["held_out"])
     pairs = toy_env.coupled_pairs("train", s.probe_pairs, seed=s.data_seed)
 
     def probes():
