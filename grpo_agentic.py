@@ -1,4 +1,4 @@
-"""Agentic GRPO on a text gridworld, in one file -- a teaching reference for arXiv 2509.23870.
+"""Agentic GRPO on a text gridworld, in one file: a teaching reference for arXiv 2509.23870.
 
     pip install -r requirements.txt && python grpo_agentic.py      # ~80 s on 2 CPU cores
     python grpo_agentic.py --help                                  # every setting, with its meaning
@@ -9,30 +9,20 @@ A tiny GPT-2 (built from a config: nothing is downloaded) is warm-started on ora
 trained with GRPO: for B layouts it plays G episodes each; every turn the policy reads the grid as
 text and *writes* its move; the reward is 1 if the goal is reached within the budget, else 0. The
 advantage of an episode is its reward standardised within its group of G, and every move of the
-episode is pushed up or down by it (outcome-based credit, as in the paper).
+episode is pushed up or down by it (outcome credit). Beside the RL loss the actor can also learn to
+judge its own moves as good or bad (the paper's classification objective, GCD), and probes measure
+the paper's claims as training goes: flawed moves' advantages, squeezing, gradient coupling.
+
+The file reads in the order the data flows: settings -> model -> rollout -> advantages and loss ->
+classification loss -> update -> diagnostics -> training loop -> experiment and command line.
+`CORE:` marks the sections worth copying. Where we deviate from DeepSeekMath GRPO and from the paper,
+and why: README.md, "Deviations and choices" (one numbered list, kept in one place).
 
 Shapes:  B tasks (layouts) per iteration, G episodes per task (the group), N moves in a batch,
          P prompt tokens, K generated action tokens, T = prompt + action tokens, V vocabulary.
-
-Where this deviates from DeepSeekMath GRPO / the paper, and why:
- 1. Each move is its own sample: the prompt is the *current* grid only (no history). The gridworld
-    is Markov, and short prompts keep a CPU run to minutes. Prompt tokens are never trained.
- 2. The loss averages over all action tokens of a minibatch (token-level, as in DAPO), not per
-    sequence; moves from zero-advantage groups are left out of the update (no KL: they carry no
-    gradient), which also makes late iterations cheap.
- 3. A is divided by the group's *population* std (ddof=0); KL to the starting policy is off by
-    default (--kl-coef), as in DAPO / Dr. GRPO practice. Two epochs over each iteration's rollouts,
-    so the PPO clip is active; the RL learning rate warms up linearly over the first iterations.
- 4. RL trains on a fixed set of 64 train layouts (the "seen tasks"); held-out layouts are unseen
-    and denser in walls (the analogue of the paper's out-of-domain tasks).
- 5. GCD (the paper's classification): after the move, the query " verdict:" and the actor's own LM
-    head scores " good" vs " bad"; labels are the sign of the move's advantage (or the oracle, as an
-    ablation). The paper's exact prompt, weight and label source were not available to us.
- 6. The model is tiny and the environment a toy; the paper uses LLM agents on ALFWorld/ScienceWorld.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -45,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from transformers import HfArgumentParser
 
 import toy_env
 
@@ -54,108 +44,68 @@ import toy_env
 # ------------------------------------------------------------------------------------------------
 
 
-def arg(default, help: str):
-    return field(default=default, metadata={"help": help})
+def arg(default, help: str, **kw):
+    return field(default=default, metadata={"help": help}, **kw)
 
 
 @dataclass
 class Settings:
-    seed: int = arg(0, "random seed (layouts, init, sampling); same seed on CPU = same metrics.jsonl")
+    seed: int = arg(0, "random seed (init, task sampling, rollouts, minibatch order)")
     iters: int = arg(250, "GRPO iterations (each: rollouts of B x G episodes, then one update)")
     train_tasks: int = arg(64, "size of the fixed set of train-split layouts that RL (and the warm-up) sees")
     data_seed: int = arg(0, "seed of the train and held-out layout sets (fixed across training seeds)")
     tasks_per_iter: int = arg(16, "B: distinct train layouts per iteration")
     group_size: int = arg(8, "G: episodes per layout; the advantage baseline is this group's mean")
-    lr: float = arg(5e-4, "AdamW learning rate of the GRPO phase")
-    lr_warmup_iters: int = arg(10, "iterations over which the GRPO learning rate rises linearly to --lr (then decays to 0)")
+    scale_by_std: bool = arg(True, "divide advantages by the group's std (--no-scale-by-std: Dr. GRPO's r - mean)")
+    lr: float = arg(5e-4, "peak AdamW learning rate of the GRPO phase")
+    lr_warmup_iters: int = arg(10, "iterations of linear learning-rate warm-up to --lr; then linear decay towards 0")
     clip_eps: float = arg(0.2, "PPO clip range epsilon on the token probability ratio")
-    kl_coef: float = arg(0.0, "weight of the KL penalty to the policy at the start of RL (0 = off)")
+    kl_coef: float = arg(0.0, "weight of the k3 KL penalty to the policy at the start of RL (0 = off)")
     epochs: int = arg(2, "passes over each iteration's rollouts (PPO epochs); the clip matters from the 2nd step on")
-    minibatch_moves: int = arg(256, "moves per gradient step inside one iteration's update")
+    minibatch_moves: int = arg(256, "target moves per gradient step; each epoch splits a fresh shuffle into near-equal parts")
     temperature: float = arg(1.0, "sampling temperature during rollouts (1.0 = sample the policy itself)")
     max_action_tokens: int = arg(4, "generation budget for one action, end-of-text token included")
     sft_steps: int = arg(60, "supervised warm-up steps on oracle moves before RL (0 = none)")
     sft_lr: float = arg(1e-3, "AdamW learning rate of the warm-up")
     sft_batch: int = arg(128, "(state, oracle move) pairs per warm-up step")
-    eval_every: int = arg(25, "greedy evaluation every this many iterations (and at the end)")
+    eval_every: int = arg(25, "greedy evaluation and probes every this many iterations (and at the end)")
     eval_tasks: int = arg(64, "layouts per split in the fixed greedy evaluation sets")
     render_every: int = arg(50, "print one sampled episode as text every this many iterations (0 = never)")
     cls_coef: float = arg(0.0, "weight of the actor's own good/bad classification loss (GCD); 0 = plain GRPO")
     cls_labels: str = arg("advantage", "classification labels: 'advantage' (sign of the move's GRPO advantage) or 'oracle'")
     probe_pairs: int = arg(16, "coupled (good, flawed) state pairs in the gradient-coupling probe")
     probe_step: float = arg(1e-5, "SGD step size of the probe's one-step coupling measurement")
-    skip_probes: bool = arg(False, "skip the diagnostics probes (p_flawed, coupling): to measure what they cost")
-    model: str = arg("", "path or name of a causal LM for AutoModelForCausalLM ('' = tiny GPT-2 from config)")
+    skip_probes: bool = arg(False, "skip the diagnostics probes (p_flawed, coupling, cls_acc): to measure what they cost")
+    model: str = arg("", "path or hub name of a causal LM for AutoModelForCausalLM ('' = tiny GPT-2 from config)")
     tiny_layers: int = arg(3, "layers of the built-in tiny GPT-2")
-    tiny_dim: int = arg(96, "width of the built-in tiny GPT-2")
+    tiny_dim: int = arg(96, "width of the built-in tiny GPT-2 (a multiple of its 4 heads)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    out_dir: str = arg("", "where metrics.jsonl, summary.json and policy/ go ('' = runs/<time>-seed<seed>)")
+    out_dir: str = arg("", "where settings.json, metrics.jsonl, summary.json and policy/ go ('' = runs/<time>-seed<seed>)")
     overwrite: bool = arg(False, "allow writing into an --out-dir that already holds a run")
     eval_only: bool = arg(False, "only evaluate --model greedily on both splits and print a few episodes")
     compare: bool = arg(False, "train GRPO, GRPO+cls (advantage labels), GRPO+cls (oracle labels) for each of --seeds")
-    seeds: str = arg("0 1 2", "seeds for --compare, separated by spaces")
-    plot: bool = arg(False, "plot held-out success and coupling_cos of a --compare --out-dir (needs matplotlib)")
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seeds of --compare, e.g. --seeds 0 1 2 3 4"})
+    plot: bool = arg(False, "plot a --compare --out-dir over training (needs matplotlib)")
 
-
-def parse_settings(argv: list[str] | None = None) -> Settings:
-    """Build the CLI from Settings; any invalid value stops here with one line and exit code 2."""
-
-    class OneLineParser(argparse.ArgumentParser):
-        def error(self, message):
-            self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-    parser = OneLineParser(prog="grpo_agentic.py", description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{f.metadata['help']} (default: {f.default!r})")
-    s = Settings(**vars(parser.parse_args(argv)))
-    problem = invalid_settings(s)
-    if problem:
-        parser.error(problem)
-    return s
-
-
-def invalid_settings(s: Settings) -> str | None:
-    """A message for the first invalid setting, or None."""
-    positive = ["iters", "probe_pairs", "epochs", "train_tasks", "tasks_per_iter", "minibatch_moves", "max_action_tokens", "sft_batch",
-                "eval_every", "eval_tasks", "tiny_layers", "tiny_dim"]
-    for name in positive:
-        if getattr(s, name) < 1 and not (name == "iters" and s.eval_only):
-            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(s, name)}"
-    for name in ["sft_steps", "lr_warmup_iters", "render_every", "kl_coef", "clip_eps"]:
-        if getattr(s, name) < 0:
-            return f"--{name.replace('_', '-')} must be >= 0, got {getattr(s, name)}"
-    for name in ["lr", "sft_lr", "temperature", "probe_step"]:
-        if not (getattr(s, name) > 0 and math.isfinite(getattr(s, name))):
-            return f"--{name.replace('_', '-')} must be a positive number, got {getattr(s, name)}"
-    if s.cls_labels not in ("advantage", "oracle"):
-        return f"--cls-labels must be 'advantage' or 'oracle', got {s.cls_labels!r}"
-    if not all(x.lstrip("-").isdigit() for x in s.seeds.split()) or not s.seeds.split():
-        return f"--seeds must be integers separated by spaces, got {s.seeds!r}"
-    if s.plot and not s.out_dir:
-        return "--plot needs --out-dir (the directory of a --compare run)"
-    if s.group_size < 2:
-        return f"--group-size must be >= 2 (a group of one has no baseline), got {s.group_size}"
-    if s.tiny_dim % 4:
-        return f"--tiny-dim must be a multiple of 4 (the number of heads), got {s.tiny_dim}"
-    try:
-        resolve_device(s.device)
-    except ValueError as e:
-        return str(e)
-    looks_like_path = s.model.startswith((".", "/", "~")) or s.model.count("/") > 1  # not a hub id "org/name"
-    if s.model and looks_like_path and not os.path.exists(os.path.expanduser(s.model)):
-        return f"--model {s.model}: no such file or directory"
-    if s.eval_only and not s.model:
-        return "--eval-only needs --model (a saved policy directory)"
-    out = s.out_dir or ""
-    done = any(os.path.exists(os.path.join(out, f)) for f in ("metrics.jsonl", "compare.md"))
-    if out and not (s.eval_only or s.plot) and done and not s.overwrite:
-        return f"--out-dir {out} already holds a run; choose another directory or pass --overwrite"
-    return None
+    def __post_init__(self):
+        """Value checks. The first bad setting raises one ValueError that names its flag."""
+        def need(ok: bool, name: str, rule: str):
+            if not ok:
+                raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)!r}")
+        for name in ("iters", "epochs", "train_tasks", "tasks_per_iter", "minibatch_moves", "max_action_tokens",
+                     "sft_batch", "eval_every", "eval_tasks", "probe_pairs", "tiny_layers", "tiny_dim"):
+            need(getattr(self, name) >= 1 or (name == "iters" and self.eval_only), name, ">= 1")
+        for name in ("sft_steps", "lr_warmup_iters", "render_every", "kl_coef", "clip_eps", "cls_coef", "data_seed"):
+            need(getattr(self, name) >= 0, name, ">= 0")
+        for name in ("lr", "sft_lr", "temperature", "probe_step"):
+            need(getattr(self, name) > 0 and math.isfinite(getattr(self, name)), name, "a positive number")
+        need(self.group_size >= 2, "group_size", ">= 2 (a group of one has no baseline)")
+        need(self.tiny_dim % 4 == 0, "tiny_dim", "a multiple of 4 (the number of heads)")
+        need(self.cls_labels in ("advantage", "oracle"), "cls_labels", "'advantage' or 'oracle'")
+        need(len(self.seeds) > 0 and all(x >= 0 for x in self.seeds), "seeds", "one or more integers >= 0")
+        need(not self.eval_only or bool(self.model), "eval_only", "used with --model (a saved policy directory)")
+        need(not self.plot or bool(self.out_dir), "plot", "used with --out-dir (the directory of a --compare run)")
+        resolve_device(self.device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -174,6 +124,28 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+class OneLineParser(HfArgumentParser):
+    """transformers' dataclass -> argparse bridge; every error is one line and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"grpo_agentic.py: error: {message} (see --help)\n")
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    parser = OneLineParser(Settings, prog="grpo_agentic.py", description=__doc__.split("\n")[0])
+    try:
+        (s,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ValueError as e:  # from Settings.__post_init__, or arguments argparse did not use
+        parser.error(str(e))
+    looks_like_path = s.model.startswith((".", "/", "~")) or s.model.count("/") > 1  # not a hub id "org/name"
+    if s.model and looks_like_path and not os.path.exists(os.path.expanduser(s.model)):
+        parser.error(f"--model {s.model}: no such file or directory")
+    holds_run = any(os.path.exists(os.path.join(s.out_dir, f)) for f in ("metrics.jsonl", "compare.md"))
+    if s.out_dir and holds_run and not (s.eval_only or s.plot or s.overwrite):
+        parser.error(f"--out-dir {s.out_dir} already holds a run; choose another directory or pass --overwrite")
+    return s
+
+
 class NonFiniteError(RuntimeError):
     """A loss or the logits became NaN/inf: stop rather than train on garbage."""
 
@@ -181,10 +153,12 @@ class NonFiniteError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 # Model & tokenizer
 # ------------------------------------------------------------------------------------------------
+VERDICT_QUERY = " verdict:"   # appended after a move; the LM head then scores " good" vs " bad" (GCD)
+VERDICTS = ("good", "bad")
 
 
 def build_word_tokenizer():
-    """A word-level tokenizer over the environment's vocabulary: one token per cell, newline, move."""
+    """A word-level tokenizer over the environment's words: one token per cell, newline, move."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -227,6 +201,12 @@ def load_policy(s: Settings, device: torch.device):
     return model.to(device), tokenizer
 
 
+def action_ids_for(tokenizer, action: str) -> list[int]:
+    """The one action format: ' left' + end-of-text, as ids. A rollout takes exactly these ids as a
+    move, so every probe that scores this sequence scores what the policy really does."""
+    return tokenizer(" " + action, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+
+
 # ------------------------------------------------------------------------------------------------
 # Rollout: all live episodes step together, one batched forward per generated token.
 # ------------------------------------------------------------------------------------------------
@@ -248,7 +228,7 @@ def generate_actions(model, tokenizer, prompts: list[list[int]], max_tokens: int
 
     Our own loop rather than `model.generate`, so the tokens come from exactly softmax(logits / T):
     no top-k/top-p/repetition processors from a model's generation_config sneak in, and the
-    log-probs the loss later recomputes belong to the distribution we really sampled from.
+    log-probs recorded here are those of the distribution the loss scores.
     """
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
@@ -256,9 +236,9 @@ def generate_actions(model, tokenizer, prompts: list[list[int]], max_tokens: int
     n = len(prompts)
     actions, logps = [[] for _ in range(n)], [[] for _ in range(n)]
     finished = torch.zeros(n, dtype=torch.bool, device=device)        # (N,)
-    past = None
+    cache = None
     for _ in range(max_tokens):
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         logits = out.logits[:, -1, :].float() / temperature             # (N, V)
         if not torch.isfinite(logits).all():
             raise NonFiniteError("the policy's logits are not finite")
@@ -275,7 +255,7 @@ def generate_actions(model, tokenizer, prompts: list[list[int]], max_tokens: int
         finished |= token == eos
         if finished.all():
             break
-        past = out.past_key_values
+        cache = out.cache
         ids, positions = token[:, None], positions[:, -1:] + 1          # (N, 1)
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
     texts = tokenizer.batch_decode(actions, skip_special_tokens=True)
@@ -285,13 +265,13 @@ def generate_actions(model, tokenizer, prompts: list[list[int]], max_tokens: int
 @dataclass
 class Move:
     """One decision: what the policy read, what it wrote (token ids, as sampled), what it meant."""
-    episode: int            # index into the rollout's B*G episodes (group = episode // G)
+    episode: int                # index into the rollout's B*G episodes (group = episode // G)
     prompt_ids: list[int]
-    action_ids: list[int]
-    sample_logps: list[float]
-    text: str
-    valid: bool
-    good: bool              # oracle label, for diagnostics only: never used by the RL update
+    action_ids: list[int]       # as sampled; end-of-text included when it was generated
+    sample_logps: list[float]   # log pi(token) recorded while sampling, one per action id
+    text: str                   # decoded, for logs
+    action: str | None          # the move these ids spell in the one action format; None = off-format
+    good: bool                  # oracle label: diagnostics and the oracle-label ablation only, never the reward
 
 
 def encode_prompts(tokenizer, observations: list[str]) -> list[list[int]]:
@@ -300,7 +280,11 @@ def encode_prompts(tokenizer, observations: list[str]) -> list[list[int]]:
 
 def rollout(model, tokenizer, layouts: list[str], group_size: int, s: Settings, greedy: bool = False,
             generator: torch.Generator | None = None):
-    """Play `group_size` episodes on each layout, all at once. Returns (moves, rewards (B, G), envs)."""
+    """Play `group_size` episodes on each layout, all at once. Returns (moves, rewards (B, G), envs).
+
+    Only ids that spell ' move' + end-of-text exactly are a move; anything else (say 'left \\n \\n',
+    which the lenient environment would parse) is off-format and moves nothing."""
+    formats = {tuple(action_ids_for(tokenizer, a)): a for a in toy_env.ACTIONS}
     envs = [toy_env.GridWorld.from_string(lay) for lay in layouts for _ in range(group_size)]
     observations = [env.reset() for env in envs]
     moves: list[Move] = []
@@ -310,8 +294,9 @@ def rollout(model, tokenizer, layouts: list[str], group_size: int, s: Settings, 
         action_ids, logps, texts = generate_actions(model, tokenizer, prompt_ids, s.max_action_tokens,
                                                     s.temperature, greedy, generator)
         for i, p, a, lp, text in zip(live, prompt_ids, action_ids, logps, texts):
-            observations[i], _, _, info = envs[i].step(text)
-            moves.append(Move(i, p, a, lp, text, info["valid"], info["good"]))
+            action = formats.get(tuple(a))
+            observations[i], _, _, info = envs[i].step(action)
+            moves.append(Move(i, p, a, lp, text, action, info["good"]))
         live = [i for i in live if not envs[i].done]
     rewards = torch.tensor([float(env.pos == env.goal) for env in envs]).view(len(layouts), group_size)  # (B, G)
     return moves, rewards, envs
@@ -348,23 +333,22 @@ def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float
     return torch.where(all_equal, torch.zeros_like(advantages), advantages)
 
 
-def build_batch(moves: list[Move], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def build_batch(prompts: list[list[int]], actions: list[list[int]], pad_id: int, device):
     """Right-padded prompt+action sequences: ids, attention mask and action mask, each (N, T).
 
-    The action mask is 1 exactly on generated tokens (the sampled ids, never re-tokenised text);
-    prompt tokens and padding are 0, so they are never trained. Padding is known from the
-    attention mask, never guessed from token ids (pad may equal eos in real tokenizers).
+    The action mask is 1 exactly on the action ids (as sampled, never re-tokenised text); prompt
+    tokens and padding are 0, so they are never trained. Which positions are padding is known from
+    the lengths, never guessed from token ids: pad may equal end-of-text, which an action ends with.
     """
-    width = max(len(m.prompt_ids) + len(m.action_ids) for m in moves)
-    ids = torch.full((len(moves), width), pad_id, dtype=torch.long)       # (N, T)
-    attention = torch.zeros(len(moves), width, dtype=torch.long)         # (N, T)
-    action = torch.zeros(len(moves), width, dtype=torch.float)           # (N, T)
-    for i, m in enumerate(moves):
-        p, a = len(m.prompt_ids), len(m.action_ids)
-        ids[i, : p + a] = torch.tensor(m.prompt_ids + m.action_ids)
-        attention[i, : p + a] = 1
-        action[i, p: p + a] = 1.0
-    return ids.to(device), attention.to(device), action.to(device)
+    width = max(len(p) + len(a) for p, a in zip(prompts, actions))
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)    # (N, T)
+    attention = torch.zeros(len(prompts), width, dtype=torch.long)       # (N, T)
+    action_mask = torch.zeros(len(prompts), width)                       # (N, T)
+    for i, (p, a) in enumerate(zip(prompts, actions)):
+        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
+        attention[i, : len(p) + len(a)] = 1
+        action_mask[i, len(p): len(p) + len(a)] = 1.0
+    return ids.to(device), attention.to(device), action_mask.to(device)
 
 
 def token_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -378,10 +362,11 @@ def token_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, temperatur
     return F.pad(picked, (1, 0))                                            # (N, T)
 
 
-def sequence_logprobs(model, moves: list[Move], pad_id: int, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(action_ids | prompt_ids) of each move: the sum over its action tokens, (N,)."""
-    ids, attention, mask = build_batch(moves, pad_id, next(model.parameters()).device)     # (N, T) each
-    return (token_logprobs(model, ids, attention, temperature) * mask).sum(dim=1)
+def sequence_logprobs(model, prompts: list[list[int]], actions: list[list[int]], pad_id: int,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """log pi(action | prompt) of each pair: the sum over the action's tokens, (N,)."""
+    ids, attention, action_mask = build_batch(prompts, actions, pad_id, next(model.parameters()).device)
+    return (token_logprobs(model, ids, attention, temperature) * action_mask).sum(dim=1)
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, action_mask: torch.Tensor,
@@ -394,6 +379,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
 
     The KL term is the k3 estimator of KL(pi || pi_ref) (Schulman, 2020). Normaliser: every action
     token of the minibatch weighs the same, however the tokens split into moves and episodes.
+    Returns (loss, info); info["ratio_dev"] = max_t |ratio_t - 1|, 0 when sampler and scorer agree.
     """
     num_action_tokens = action_mask.sum().clamp(min=1.0)
     ratio = torch.exp(logp - old_logp)                                          # (N, T)
@@ -402,18 +388,17 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     loss = -(surrogate * action_mask).sum() / num_action_tokens
     kl = torch.zeros((), device=logp.device)
     if ref_logp is not None and kl_coef > 0:
-        d = ref_logp - logp
+        d = ref_logp - logp                                                     # (N, T)
         kl = ((torch.exp(d) - d - 1) * action_mask).sum() / num_action_tokens
         loss = loss + kl_coef * kl
-    clipped = ((ratio - 1).abs() > clip_eps).float()
-    return loss, {"clip_frac": float((clipped * action_mask).sum() / num_action_tokens), "kl": float(kl)}
+    dev = ((ratio.detach() - 1).abs() * action_mask)                            # (N, T)
+    return loss, {"clip_frac": float(((dev > clip_eps).float()).sum() / num_action_tokens),
+                  "kl": kl.item(), "ratio_dev": float(dev.max())}
 
 
 # ------------------------------------------------------------------------------------------------
-# CORE: the actor classifies its own moves (the paper's GCD, section 4 of PAPER.md)
+# CORE: the actor classifies its own moves (the paper's "generative classification disentanglement")
 # ------------------------------------------------------------------------------------------------
-VERDICT_QUERY = " verdict:"   # appended after the action; the LM head then scores " good" vs " bad"
-VERDICTS = ("good", "bad")
 
 
 def classification_labels(moves: list[Move], advantages: torch.Tensor, source: str) -> torch.Tensor:
@@ -427,18 +412,16 @@ def classification_labels(moves: list[Move], advantages: torch.Tensor, source: s
     return torch.where(advantages > 0, 1, torch.where(advantages < 0, 0, -1))
 
 
-def verdict_logits(model, tokenizer, moves: list[Move]) -> torch.Tensor:
+def verdict_logits(model, tokenizer, prompts: list[list[int]], actions: list[list[int]]) -> torch.Tensor:
     """(N, 2) scores [log p(" good" | s, a, query), log p(" bad" | s, a, query)] from the actor's own LM head.
 
     Each verdict may span several tokens: its score is the sum of their log-probs. No new parameters.
     """
     query = tokenizer(VERDICT_QUERY, add_special_tokens=False)["input_ids"]
-    scores = []
-    for word in VERDICTS:
-        verdict = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
-        seqs = [Move(0, m.prompt_ids + m.action_ids + query, verdict, [], "", True, True) for m in moves]
-        scores.append(sequence_logprobs(model, seqs, tokenizer.pad_token_id))      # (N,)
-    return torch.stack(scores, dim=1)                                                # (N, 2)
+    asked = [p + a + query for p, a in zip(prompts, actions)]                 # state, move, query
+    scores = [sequence_logprobs(model, asked, [tokenizer(" " + w, add_special_tokens=False)["input_ids"]] * len(asked),
+                                tokenizer.pad_token_id) for w in VERDICTS]    # 2 x (N,)
+    return torch.stack(scores, dim=1)                                         # (N, 2)
 
 
 def classification_loss(model, tokenizer, moves: list[Move], labels: torch.Tensor) -> torch.Tensor:
@@ -446,13 +429,92 @@ def classification_loss(model, tokenizer, moves: list[Move], labels: torch.Tenso
     keep = (labels >= 0).nonzero().flatten().tolist()
     if not keep:
         return torch.zeros((), device=next(model.parameters()).device)
-    logits = verdict_logits(model, tokenizer, [moves[i] for i in keep])             # (n, 2)
-    target = 1 - labels[keep].to(logits.device)                                     # index 0 = "good"
-    return F.cross_entropy(logits, target)
+    logits = verdict_logits(model, tokenizer, [moves[i].prompt_ids for i in keep],
+                            [moves[i].action_ids for i in keep])                  # (n, 2)
+    return F.cross_entropy(logits, 1 - labels[keep].to(logits.device))          # index 0 = "good"
 
 
 # ------------------------------------------------------------------------------------------------
-# Diagnostics: the paper's three claims, measured (oracle labels are used here, never in the update)
+# CORE: the update -- clipped surrogate (+ classification, + KL) over shuffled minibatches
+# ------------------------------------------------------------------------------------------------
+
+
+def minibatches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """A fresh shuffle of range(n) cut into round(n / size) near-equal minibatches (sizes differ by at
+    most 1), so that no tiny remainder gets a full optimiser step of its own.
+
+    >>> [len(b) for b in minibatches(600, 256, np.random.default_rng(0))]
+    [300, 300]
+    """
+    return np.array_split(rng.permutation(n), max(1, round(n / size)))
+
+
+def learning_rate(it: int, peak: float, warmup: int, total: int) -> float:
+    """Learning rate of RL iteration `it` (1-based): linear warm-up to `peak`, reached at iteration
+    `warmup`, then linear decay that would reach 0 one iteration after the last:
+
+        lr(it) = peak * min(1, it / warmup, (total + 1 - it) / (total + 1 - warmup))
+
+    Warm-up because Adam's first steps have size ~lr in every coordinate whatever the gradient's size
+    (a noisy policy gradient would undo the warm-start); decay so that the final policy settles.
+
+    >>> [round(learning_rate(it, 1.0, warmup=2, total=6), 3) for it in range(1, 7)]
+    [0.5, 1.0, 0.8, 0.6, 0.4, 0.2]
+    """
+    return peak * min(1.0, it / warmup if warmup else 1.0, (total + 1 - it) / (total + 1 - warmup))
+
+
+def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, optimizer, s: Settings,
+                rng: np.random.Generator, ref_model=None) -> dict:
+    """`s.epochs` shuffled passes of clipped-surrogate steps over the moves that carry signal (A != 0).
+
+    Moves of all-equal groups have A = 0: no policy gradient, so they are left out -- whatever
+    --kl-coef is, so that switching KL on adds a KL term and changes nothing else. The old log-probs
+    are the ones recorded while sampling (same model, dropout off): on the first minibatch the
+    ratio is 1 up to float error, logged as `ratio_dev_first`.
+    """
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id
+    signal = (advantages != 0).nonzero().flatten().tolist()
+    labels = classification_labels(moves, advantages, s.cls_labels)                       # (N,)
+    logs = {"loss": [], "pg_loss": [], "clip_frac": [], "kl": [], "cls_loss": []}
+    ratio_dev_first = float("nan")
+    for _ in range(s.epochs if signal else 0):
+        for part in minibatches(len(signal), s.minibatch_moves, rng):
+            idx = [signal[k] for k in part]
+            batch = [moves[i] for i in idx]
+            ids, attention, action_mask = build_batch([m.prompt_ids for m in batch], [m.action_ids for m in batch],
+                                                       pad, device)                      # (n, T) each
+            old = torch.zeros_like(action_mask)                                           # (n, T)
+            old[action_mask == 1] = torch.tensor([lp for m in batch for lp in m.sample_logps], device=device)
+            logp = token_logprobs(model, ids, attention, s.temperature)                   # (n, T)
+            ref = None
+            if ref_model is not None:
+                with torch.no_grad():
+                    ref = token_logprobs(ref_model, ids, attention, s.temperature)
+            pg_loss, info = grpo_loss(logp, old, advantages[idx].to(device), action_mask, s.clip_eps, ref, s.kl_coef)
+            loss = pg_loss
+            if s.cls_coef > 0:
+                cls_loss = classification_loss(model, tokenizer, batch, labels[idx])
+                loss = loss + s.cls_coef * cls_loss
+                logs["cls_loss"].append(cls_loss.item())
+            if not torch.isfinite(loss):
+                raise NonFiniteError(f"the GRPO loss is {loss.item()}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            if math.isnan(ratio_dev_first):
+                ratio_dev_first = info["ratio_dev"]
+            for key, value in (("loss", loss.item()), ("pg_loss", pg_loss.item()), ("clip_frac", info["clip_frac"]),
+                               ("kl", info["kl"])):
+                logs[key].append(value)
+    mean = {k: float(np.mean(v)) if v else float("nan") for k, v in logs.items()}
+    return {**mean, "update_moves": len(signal), "ratio_dev_first": ratio_dev_first}
+
+
+# ------------------------------------------------------------------------------------------------
+# Diagnostics: the paper's claims, measured (oracle labels are used here, never in the update)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -477,23 +539,23 @@ def squeezing_step(probs: torch.Tensor, action: int, advantage: float, lr: float
     >>> squeezing_step(torch.tensor([0.3, 0.5, 0.2]), action=0, advantage=-1.0, lr=0.5)  # bad, bad, good
     tensor([0.1968, 0.5975, 0.2057])
 
-    Bad action 1 rises 0.50 -> 0.60, yet bad mass falls 0.80 -> 0.79 and the good action gains.
+    Pushing bad action 0 down raises the other bad action, 1, from 0.50 to 0.60 (it is the most
+    likely); yet bad mass falls 0.80 -> 0.79 and good action 2 gains 0.20 -> 0.21.
     """
     z = torch.log(probs) + lr * advantage * (F.one_hot(torch.tensor(action), len(probs)).float() - probs)
     return torch.softmax(z, dim=0)
 
 
-def action_logprobs(model, tokenizer, observations: list[str], actions: list[str], temperature: float = 1.0):
-    """log pi(action | observation) of whole actions (all their tokens and the end-of-text), (N,)."""
-    prompts = encode_prompts(tokenizer, observations)
-    moves = [Move(0, p, action_ids_for(tokenizer, a), [], a, True, True) for p, a in zip(prompts, actions)]
-    return sequence_logprobs(model, moves, tokenizer.pad_token_id, temperature)
+def action_logprobs(model, tokenizer, observations: list[str], actions: list[str]) -> torch.Tensor:
+    """log pi(action | observation) of whole actions in the one action format, (N,)."""
+    return sequence_logprobs(model, encode_prompts(tokenizer, observations),
+                             [action_ids_for(tokenizer, a) for a in actions], tokenizer.pad_token_id)
 
 
 @torch.no_grad()
 def flawed_mass(model, tokenizer, probe: list[tuple[str, list[str]]]) -> dict:
     """Theorem 3.2 check on fixed probe states (observation, good actions):
-    p_flawed = mean_s (1 - sum_{a good} pi(a|s))   -- all mass not on a good move, invalid text included
+    p_flawed = mean_s (1 - sum_{a good} pi(a|s))   -- all mass not on a good move, off-format text included
     p_flawed_max = mean_s max_{a flawed} pi(a|s)    -- the single most likely flawed move"""
     obs = [o for o, _ in probe for _ in toy_env.ACTIONS]
     p = action_logprobs(model, tokenizer, obs, list(toy_env.ACTIONS) * len(probe)).exp().view(len(probe), -1)  # (S, 4)
@@ -504,61 +566,59 @@ def flawed_mass(model, tokenizer, probe: list[tuple[str, list[str]]]) -> dict:
 
 @torch.no_grad()
 def classification_accuracy(model, tokenizer, probe: list[tuple[str, list[str]]]) -> float:
-    """cls_acc: share of (state, action) on probe states whose verdict matches the oracle, all 4 actions."""
-    prompts = encode_prompts(tokenizer, [o for o, _ in probe])
-    moves = [Move(0, p, action_ids_for(tokenizer, a), [], a, True, a in good)
-             for p, (_, good) in zip(prompts, probe) for a in toy_env.ACTIONS]
-    predicted_good = verdict_logits(model, tokenizer, moves).argmax(dim=1) == 0
-    return float((predicted_good.cpu() == torch.tensor([m.good for m in moves])).float().mean())
+    """cls_acc: share of (state, move) on probe states whose verdict matches the oracle, all 4 moves."""
+    prompts = [p for p in encode_prompts(tokenizer, [o for o, _ in probe]) for _ in toy_env.ACTIONS]
+    actions = [action_ids_for(tokenizer, a) for _ in probe for a in toy_env.ACTIONS]
+    is_good = torch.tensor([a in good for _, good in probe for a in toy_env.ACTIONS])
+    predicted_good = verdict_logits(model, tokenizer, prompts, actions).argmax(dim=1).cpu() == 0
+    return float((predicted_good == is_good).float().mean())
 
 
 def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], step_size: float) -> dict:
     """Gradient coupling between near-identical states, mean over (s_good, s_flawed, a) pairs:
 
-    coupling_cos  = cos(g_good, g_flawed),  g_x = grad_theta log pi(a | s_x)  (whole action, all params)
-    coupling_step = log pi'(a|s_flawed) - log pi(a|s_flawed) after theta' = theta + step_size * g_good
-    coupling_pred = step_size * <g_good, g_flawed>   (the first-order prediction of coupling_step)
-    hidden_cos    = cos(h_good, h_flawed), last-layer hidden state where the action is predicted
+    coupling_cos   = cos(g_good, g_flawed),  g_x = grad_theta log pi(a | s_x)  (whole action, all params)
+    coupling_step  = log pi'(a|s_flawed) - log pi(a|s_flawed) after theta' = theta + step_size * g_good
+    coupling_pred  = step_size * <g_good, g_flawed>   (the first-order prediction of coupling_step)
+    coupling_ratio = <g_good, g_flawed> / <g_good, g_good>: to first order, the change of log pi(a|s_flawed)
+                     per unit change of log pi(a|s_good) under that step -- the share of the intended
+                     gain that leaks to the flawed twin (1 = all of it), free of step size and gradient scale
+    hidden_cos     = cos(h_good, h_flawed), last-layer hidden state where the move is predicted
 
-    Uses torch.autograd.grad (never .grad) and restores every weight, so the model, its gradients and
-    the optimiser state are exactly as before.
+    Uses torch.autograd.grad (never .grad) and puts every weight back in place (same storage), so
+    the model, its gradients and the optimiser state are exactly as before.
     """
     was_training = model.training
     model.eval()  # no dropout noise in the probe
     params = [p for p in model.parameters() if p.requires_grad]
-    out = {"coupling_cos": [], "coupling_step": [], "coupling_pred": [], "hidden_cos": []}
+    out = {k: [] for k in ("coupling_cos", "coupling_step", "coupling_pred", "coupling_ratio", "hidden_cos")}
     for good_layout, flawed_layout, action in pairs:
         obs = [toy_env.GridWorld.from_string(x).observation() for x in (good_layout, flawed_layout)]
-        grads, logps = [], []
-        for o in obs:
-            logp = action_logprobs(model, tokenizer, [o], [action])[0]
-            grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(logp, params)]))
-            logps.append(float(logp))
-        (g_good, g_flawed), before = grads, logps[1]
-        out["coupling_cos"].append(float(F.cosine_similarity(g_good, g_flawed, dim=0)))
-        out["coupling_pred"].append(step_size * float(g_good @ g_flawed))
+        before = action_logprobs(model, tokenizer, obs, [action, action])                  # (2,)
+        g_good, g_flawed = (torch.autograd.grad(before[k], params, retain_graph=k == 0) for k in (0, 1))
+        flat_good, flat_flawed = torch.cat([g.flatten() for g in g_good]), torch.cat([g.flatten() for g in g_flawed])
         with torch.no_grad():
-            theta = parameters_to_vector(params)                                     # a copy, (num_params,)
-            vector_to_parameters(theta + step_size * g_good, params)                 # one SGD step up on s_good
-            after = float(action_logprobs(model, tokenizer, [obs[1]], [action])[0])
-            vector_to_parameters(theta, params)                                      # exactly as before
-            ids, mask, positions = left_pad(encode_prompts(tokenizer, obs), tokenizer.pad_token_id, g_good.device)
+            saved = [p.detach().clone() for p in params]
+            for p, g in zip(params, g_good):                                               # one SGD step up on s_good
+                p.add_(g, alpha=step_size)
+            after = action_logprobs(model, tokenizer, obs[1:], [action])                   # (1,)
+            for p, x in zip(params, saved):                                                # in place: same storage
+                p.copy_(x)
+            ids, mask, positions = left_pad(encode_prompts(tokenizer, obs), tokenizer.pad_token_id, before.device)
             hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           output_hidden_states=True).hidden_states[-1][:, -1]          # (2, d)
-        out["coupling_step"].append(after - before)
-        out["hidden_cos"].append(float(F.cosine_similarity(hidden[0], hidden[1], dim=0)))
+                           output_hidden_states=True).hidden_states[-1][:, -1]              # (2, d)
+        out["coupling_cos"].append(F.cosine_similarity(flat_good, flat_flawed, dim=0).item())
+        out["coupling_pred"].append(step_size * (flat_good @ flat_flawed).item())
+        out["coupling_step"].append((after[0] - before[1]).item())
+        out["coupling_ratio"].append((flat_good @ flat_flawed).item() / (flat_good @ flat_good).item())
+        out["hidden_cos"].append(F.cosine_similarity(hidden[0], hidden[1], dim=0).item())
     model.train(was_training)
     return {k: float(np.mean(v)) for k, v in out.items()}
 
 
 # ------------------------------------------------------------------------------------------------
-# Training: warm-up, GRPO iterations, evaluation
+# Training loop: warm-up, then GRPO iterations (rollout -> advantages -> update -> log)
 # ------------------------------------------------------------------------------------------------
-
-
-def action_ids_for(tokenizer, action: str) -> list[int]:
-    """Target ids of an action as the policy should write it: ' up' + end-of-text."""
-    return tokenizer(" " + action, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def sft_warmup(model, tokenizer, layouts: list[str], s: Settings, rng: np.random.Generator) -> list[float]:
@@ -568,15 +628,15 @@ def sft_warmup(model, tokenizer, layouts: list[str], s: Settings, rng: np.random
     envs = [toy_env.GridWorld.from_string(x) for x in layouts]
     losses = []
     for _ in range(s.sft_steps):
-        batch = []
+        prompts, targets = [], []
         for k in rng.integers(len(layouts), size=s.sft_batch):
             env = envs[k]
             cells = env.free_cells()
             pos = cells[rng.integers(len(cells))]
             good = env.good_actions(pos)
-            prompt = encode_prompts(tokenizer, [env.observation(pos)])[0]
-            batch.append(Move(0, prompt, action_ids_for(tokenizer, good[rng.integers(len(good))]), [], "", True, True))
-        ids, attention, action_mask = build_batch(batch, tokenizer.pad_token_id, device)
+            prompts += encode_prompts(tokenizer, [env.observation(pos)])
+            targets.append(action_ids_for(tokenizer, good[rng.integers(len(good))]))
+        ids, attention, action_mask = build_batch(prompts, targets, tokenizer.pad_token_id, device)  # (n, T) each
         nll = -(token_logprobs(model, ids, attention) * action_mask).sum() / action_mask.sum()
         optimizer.zero_grad(set_to_none=True)
         nll.backward()
@@ -587,50 +647,13 @@ def sft_warmup(model, tokenizer, layouts: list[str], s: Settings, rng: np.random
 
 @torch.no_grad()
 def evaluate(model, tokenizer, layouts: list[str], s: Settings) -> dict:
-    """Greedy success and valid-move rate, one episode per layout."""
+    """Greedy success and valid-move rate, one episode per layout; restores the model's mode."""
+    was_training = model.training
     model.eval()
     moves, rewards, envs = rollout(model, tokenizer, layouts, 1, s, greedy=True)
-    model.train()
-    return {"success": float(rewards.mean()), "valid_frac": float(np.mean([m.valid for m in moves])),
+    model.train(was_training)
+    return {"success": rewards.mean().item(), "valid_frac": float(np.mean([m.action is not None for m in moves])),
             "moves": moves, "envs": envs}
-
-
-def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, optimizer, s: Settings, ref_model=None):
-    """`s.epochs` passes of clipped-surrogate steps over the moves (advantage per move, (N,))."""
-    device = next(model.parameters()).device
-    labels = classification_labels(moves, advantages, s.cls_labels)                          # (N,)
-    # A = 0 => no policy gradient: such moves stay only for the KL term. Both label sources thus
-    # classify the same moves, and the oracle arm costs no more than the advantage arm.
-    keep = [i for i in range(len(moves)) if advantages[i] != 0 or s.kl_coef > 0]
-    stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "cls_loss": float("nan"), "update_moves": len(keep)}
-    minibatches = [keep[i: i + s.minibatch_moves] for i in range(0, len(keep), s.minibatch_moves)]
-    batches = []
-    for idx in minibatches:  # old log-probs: the policy that sampled, before any step of this epoch
-        ids, attention, action_mask = build_batch([moves[i] for i in idx], tokenizer.pad_token_id, device)
-        with torch.no_grad():
-            old = token_logprobs(model, ids, attention, s.temperature)
-            ref = token_logprobs(ref_model, ids, attention, s.temperature) if ref_model is not None else None
-        batches.append((idx, ids, attention, action_mask, old, ref, advantages[idx].to(device)))
-    cls_losses = []
-    for idx, ids, attention, action_mask, old, ref, adv in batches * s.epochs:
-        logp = token_logprobs(model, ids, attention, s.temperature)
-        loss, info = grpo_loss(logp, old, adv, action_mask, s.clip_eps, ref, s.kl_coef)
-        if s.cls_coef > 0:
-            cls_loss = classification_loss(model, tokenizer, [moves[i] for i in idx], labels[idx])
-            loss = loss + s.cls_coef * cls_loss
-            cls_losses.append(cls_loss.item())
-        if not torch.isfinite(loss):
-            raise NonFiniteError(f"the GRPO loss is {float(loss)}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        for k in ("clip_frac", "kl"):
-            stats[k] += info[k] / (len(batches) * s.epochs)
-        stats["loss"] += loss.item() / (len(batches) * s.epochs)
-    if cls_losses:
-        stats["cls_loss"] = float(np.mean(cls_losses))
-    return stats
 
 
 def task_sets(s: Settings) -> tuple[list[str], dict[str, list[str]]]:
@@ -640,182 +663,192 @@ def task_sets(s: Settings) -> tuple[list[str], dict[str, list[str]]]:
     return pool, {"train": pool[: s.eval_tasks], "held_out": toy_env.sample_layouts("held_out", s.eval_tasks, seed=s.data_seed)}
 
 
-def train(s: Settings, out_dir: str, log=print) -> dict:
-    """Warm-up, then `s.iters` GRPO iterations; writes metrics.jsonl and returns the summary."""
-    from tqdm.auto import tqdm
+def measure(model, tokenizer, eval_sets: dict, s: Settings) -> dict:
+    """Greedy success on both evaluation sets, then (unless --skip-probes) the probes."""
+    t = time.time()
+    row = {f"eval_{split}_success": evaluate(model, tokenizer, layouts, s)["success"] for split, layouts in eval_sets.items()}
+    row["eval_s"] = time.time() - t
+    if not s.skip_probes:
+        def start_states(layouts):  # (observation, good moves) at each layout's start
+            return [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, layouts)]
+        t = time.time()
+        row.update(flawed_mass(model, tokenizer, start_states(eval_sets["train"])),
+                   **coupling_probe(model, tokenizer, toy_env.coupled_pairs("train", s.probe_pairs, s.data_seed), s.probe_step),
+                   cls_acc=classification_accuracy(model, tokenizer, start_states(eval_sets["held_out"])))
+        row["probe_s"] = time.time() - t
+    return row
 
+
+def log_line(row: dict, s: Settings) -> str:
+    """The fixed-format line printed for each iteration."""
+    return (f"it {row['iter']:3d}/{s.iters} | succ {row['success']:.2f} | valid {row['valid_frac']:.2f} | "
+            f"good {row['good_frac']:.2f} | mixed {row['mixed_groups']:.2f} | lr {row['lr']:.1e} | "
+            f"loss {row['loss']:+.4f} | clip {row['clip_frac']:.2f} | A flawed {row['adv_flawed_mean']:+.2f} "
+            f"good {row['adv_good_mean']:+.2f} (flawed A>0 {row['flawed_pos_adv_frac']:.2f}) | "
+            + (f"cls {row['cls_loss']:.3f} | " if s.cls_coef else "") + f"roll {row['rollout_s']:.2f}s upd {row['update_s']:.2f}s")
+
+
+def train(s: Settings, out_dir: str, log=print):
+    """Warm-up, then `s.iters` GRPO iterations; writes metrics.jsonl. Returns (model, tokenizer, summary)."""
     start = time.time()
     device = resolve_device(s.device)
     model, tokenizer = load_policy(s, device)
-    rng = np.random.default_rng(s.seed)
-    generator = torch.Generator(device=device).manual_seed(s.seed)
+    # Dropout off for the whole run (as TRL does): the policy that samples, whose log-probs are
+    # recorded, must be the very function the loss scores. Gradients flow in eval mode all the same.
+    model.eval()
+    rng = np.random.default_rng(s.seed)                         # tasks, warm-up states, minibatch order
+    generator = torch.Generator(device=device).manual_seed(s.seed)  # rollout sampling
     pool, eval_sets = task_sets(s)
-    log(f"policy: {'tiny GPT-2' if not s.model else s.model}, {sum(p.numel() for p in model.parameters()):,} "
-        f"parameters, on {device}; {len(pool)} train layouts, eval on {s.eval_tasks} per split")
+    log(f"policy: {s.model or 'tiny GPT-2'}, {sum(p.numel() for p in model.parameters()):,} parameters, on {device}; "
+        f"{len(pool)} train layouts, eval on {s.eval_tasks} per split")
 
-    t0 = time.time()
-    sft_losses = sft_warmup(model, tokenizer, pool, s, rng) if s.sft_steps else []
-    sft_seconds = time.time() - t0
+    t = time.time()
+    sft_losses = sft_warmup(model, tokenizer, pool, s, rng)
+    timing = {"sft_s": time.time() - t, "rollout_s": 0.0, "update_s": 0.0, "eval_s": 0.0, "probe_s": 0.0}
     if sft_losses:
-        log(f"warm-up: {s.sft_steps} steps, nll {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} ({sft_seconds:.1f}s)")
-    ref_model = copy.deepcopy(model).eval() if s.kl_coef > 0 else None
+        log(f"warm-up: {s.sft_steps} steps, nll {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} ({timing['sft_s']:.1f}s)")
+    ref_model = copy.deepcopy(model) if s.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
-    timing = {"sft_s": sft_seconds, "rollout_s": 0.0, "update_s": 0.0, "eval_s": 0.0}
-    evals, decisions = {}, 0
-
-    def run_eval(it):
-        t = time.time()
-        for split, layouts in eval_sets.items():
-            evals[split] = evaluate(model, tokenizer, layouts, s)
-        timing["eval_s"] += time.time() - t
-        log(f"eval @ iter {it}: greedy success train {evals['train']['success']:.2f} | "
-            f"held-out {evals['held_out']['success']:.2f}")
-
-    def start_states(layouts):  # (observation, good moves) at each layout's start
-        return [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, layouts)]
-
-    probe_states, held_out_probe = start_states(pool), start_states(eval_sets["held_out"])
-    pairs = toy_env.coupled_pairs("train", s.probe_pairs, seed=s.data_seed)
-
-    def probes():
-        return {**flawed_mass(model, tokenizer, probe_states), **coupling_probe(model, tokenizer, pairs, s.probe_step),
-                "cls_acc": classification_accuracy(model, tokenizer, held_out_probe)}
-
-    t = time.time()  # the probes run with each evaluation: they cost more than an iteration
-    coupling = {0: {} if s.skip_probes else probes()}
-    timing["probe_s"] = time.time() - t
-    log(f"probe @ iter 0: " + " | ".join(f"{k} {v:+.4f}" for k, v in coupling[0].items()))
-    run_eval(0)
-    metrics_file = open(os.path.join(out_dir, "metrics.jsonl"), "w")  # one line per iteration, flushed
-    bar = tqdm(range(1, s.iters + 1), desc="GRPO", unit="it", dynamic_ncols=True, disable=None)
-    for it in bar:
-        batch_layouts = [pool[k] for k in rng.integers(len(pool), size=s.tasks_per_iter)]
-        t = time.time()
-        moves, rewards, envs = rollout(model, tokenizer, batch_layouts, s.group_size, s, generator=generator)
-        roll_s = time.time() - t
-        advantages = grpo_advantages(rewards).flatten()                  # (B*G,) one per episode
-        move_adv = advantages[[m.episode for m in moves]]                 # (N,) each move inherits it
-        t = time.time()
-        # Linear warm-up of the RL learning rate (Adam's first steps have size ~lr in every coordinate
-        # whatever the gradient's size: a noisy policy gradient would undo the warm-up), then linear
-        # decay to 0 so that the final policy settles instead of oscillating around the optimum.
-        for group in optimizer.param_groups:
-            group["lr"] = s.lr * min(1.0, it / max(1, s.lr_warmup_iters)) * (s.iters - it + 1) / s.iters
-        stats = grpo_update(model, tokenizer, moves, move_adv, optimizer, s, ref_model)
-        upd_s = time.time() - t
-        timing["rollout_s"] += roll_s
-        timing["update_s"] += upd_s
-        decisions += len(moves)
-        t = time.time()
-        diagnostics = flawed_step_stats(moves, move_adv)
-        if (it % s.eval_every == 0 or it == s.iters) and not s.skip_probes:
-            coupling[it] = probes()
-            diagnostics.update(coupling[it])
-            bar.write(f"probe @ iter {it}: " + " | ".join(f"{k} {v:+.4f}" for k, v in coupling[it].items()))
-        timing["probe_s"] += time.time() - t
-        row = {"iter": it, "success": float(rewards.mean()), "valid_frac": float(np.mean([m.valid for m in moves])),
-               "good_frac": float(np.mean([m.good for m in moves])), "moves": len(moves),
-               "mixed_groups": float((rewards.std(dim=1) > 0).float().mean()),
-               "adv_abs_mean": float(move_adv.abs().mean()), **stats, **diagnostics,
-               "rollout_s": round(roll_s, 3), "update_s": round(upd_s, 3)}
-        if it % s.eval_every == 0 or it == s.iters:
-            run_eval(it)
-            row.update(eval_train_success=evals["train"]["success"], eval_held_out_success=evals["held_out"]["success"])
-        metrics_file.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")  # NaN -> null
-        metrics_file.flush()
-        bar.write(f"it {it:3d} | succ {row['success']:.2f} | valid {row['valid_frac']:.2f} | good {row['good_frac']:.2f} | "
-                  f"mixed {row['mixed_groups']:.2f} | |A| {row['adv_abs_mean']:.2f} | loss {row['loss']:+.4f} | "
-                  f"clip {row['clip_frac']:.2f} | A flawed {row['adv_flawed_mean']:+.2f} good {row['adv_good_mean']:+.2f} "
-                  f"(flawed A>0 {row['flawed_pos_adv_frac']:.2f}) | " + (f"cls {row['cls_loss']:.3f} | " if s.cls_coef else "")
-                  + f"roll {roll_s:.2f}s upd {upd_s:.2f}s")
-        if s.render_every and it % s.render_every == 0:
-            bar.write(f"-- a sampled episode at iter {it} --\n" + render_episode(moves, envs[0], 0))
-    metrics_file.close()
-    return {"eval_train_success": evals["train"]["success"], "eval_held_out_success": evals["held_out"]["success"],
-            "coupling_start": coupling[0], "coupling_end": coupling[max(coupling)],
-            "eval_train_valid_frac": evals["train"]["valid_frac"], "eval_held_out_valid_frac": evals["held_out"]["valid_frac"],
-            "decisions_per_second": decisions / max(timing["rollout_s"], 1e-9), **{k: round(v, 2) for k, v in timing.items()},
-            "wall_seconds": round(time.time() - start, 2), "model": model, "tokenizer": tokenizer}
+    measured = {0: measure(model, tokenizer, eval_sets, s)}
+    log("measure @ iter 0: " + " | ".join(f"{k} {v:.4f}" for k, v in measured[0].items() if not k.endswith("_s")))
+    decisions, no_signal_iters = 0, 0
+    with open(os.path.join(out_dir, "metrics.jsonl"), "w") as metrics_file:
+        for it in range(1, s.iters + 1):
+            layouts = [pool[k] for k in rng.integers(len(pool), size=s.tasks_per_iter)]
+            t = time.time()
+            moves, rewards, envs = rollout(model, tokenizer, layouts, s.group_size, s, generator=generator)  # (B, G)
+            roll_s = time.time() - t
+            advantages = grpo_advantages(rewards, s.scale_by_std).flatten()   # (B*G,) one per episode
+            move_adv = advantages[[m.episode for m in moves]]                  # (N,) each move inherits it
+            lr = learning_rate(it, s.lr, s.lr_warmup_iters, s.iters)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t = time.time()
+            stats = grpo_update(model, tokenizer, moves, move_adv, optimizer, s, rng, ref_model)
+            upd_s = time.time() - t
+            mixed = (rewards.std(dim=1) > 0).float().mean().item()
+            no_signal_iters += mixed == 0
+            row = {"iter": it, "success": rewards.mean().item(), "valid_frac": float(np.mean([m.action is not None for m in moves])),
+                   "off_format_frac": float(np.mean([m.action is None and toy_env.parse_action(m.text) is not None for m in moves])),
+                   "good_frac": float(np.mean([m.good for m in moves])), "moves": len(moves), "mixed_groups": mixed,
+                   "adv_abs_mean": move_adv.abs().mean().item(), "lr": lr, **stats, **flawed_step_stats(moves, move_adv),
+                   "rollout_s": round(roll_s, 3), "update_s": round(upd_s, 3)}
+            if it % s.eval_every == 0 or it == s.iters:
+                measured[it] = measure(model, tokenizer, eval_sets, s)
+                row.update(measured[it])
+                log(f"measure @ iter {it}: " + " | ".join(f"{k} {v:.4f}" for k, v in measured[it].items() if not k.endswith("_s")))
+            metrics_file.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")  # NaN -> null
+            metrics_file.flush()
+            log(log_line(row, s))
+            if s.render_every and it % s.render_every == 0:
+                log(f"-- a sampled episode at iter {it} --\n" + render_episode(moves, envs[0], 0))
+            timing["rollout_s"] += roll_s
+            timing["update_s"] += upd_s
+            decisions += len(moves)
+    for k in ("eval_s", "probe_s"):
+        timing[k] = sum(m.get(k, 0.0) for m in measured.values())
+    first, last = measured[0], measured[max(measured)]
+    summary = {"eval_train_success": last["eval_train_success"], "eval_held_out_success": last["eval_held_out_success"],
+               "start": first, "end": last, "no_signal_iters_frac": no_signal_iters / s.iters,
+               "decisions_per_second": decisions / max(timing["rollout_s"], 1e-9),
+               **{k: round(v, 2) for k, v in timing.items()}, "wall_seconds": round(time.time() - start, 2)}
+    return model, tokenizer, summary
 
 
-def eval_only(s: Settings) -> int:
-    device = resolve_device(s.device)
-    model, tokenizer = load_policy(s, device)
-    for split in ("train", "held_out"):
-        layouts = task_sets(s)[1][split]
-        result = evaluate(model, tokenizer, layouts, s)
-        print(f"{split}: greedy success {result['success']:.3f}, valid moves {result['valid_frac']:.3f} "
-              f"({len(layouts)} layouts)")
-        for k in range(2):
-            print(render_episode(result["moves"], result["envs"][k], k))
-    return 0
-
-
-def run(s: Settings, out_dir: str) -> dict:
+def run(s: Settings, out_dir: str, log=print) -> dict:
     """One training run: settings.json first, then metrics.jsonl as it goes, then policy/ and summary.json."""
+    from transformers.utils import logging as hf_logging
+
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "settings.json"), "w") as f:
         json.dump(dataclasses.asdict(s), f, indent=1)
-    summary = train(s, out_dir)
-    model, tokenizer = summary.pop("model"), summary.pop("tokenizer")
+    model, tokenizer, summary = train(s, out_dir, log)
+    hf_logging.disable_progress_bar()
     model.save_pretrained(os.path.join(out_dir, "policy"))
     tokenizer.save_pretrained(os.path.join(out_dir, "policy"))
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump({**summary, "settings": dataclasses.asdict(s)}, f, indent=1)
-    print(f"done in {summary['wall_seconds']:.0f}s: greedy success train {summary['eval_train_success']:.2f}, "
-          f"held-out {summary['eval_held_out_success']:.2f}; {summary['decisions_per_second']:.0f} decisions/s in "
-          f"rollouts; outputs in {out_dir}/")
+    log(f"done in {summary['wall_seconds']:.0f}s: greedy success train {summary['eval_train_success']:.2f}, "
+        f"held-out {summary['eval_held_out_success']:.2f}; {summary['decisions_per_second']:.0f} decisions/s in "
+        f"rollouts; outputs in {out_dir}/")
     return summary
 
 
 # ------------------------------------------------------------------------------------------------
-# The side-by-side experiment: GRPO vs GRPO + classification (advantage / oracle labels)
+# Experiment and command line: evaluate a saved policy, compare arms over seeds, plot, main()
 # ------------------------------------------------------------------------------------------------
-TABLE_COLUMNS = {"train success": "eval_train_success", "held-out success": "eval_held_out_success",
-                 "coupling_cos": "coupling_cos", "hidden_cos": "hidden_cos", "p_flawed": "p_flawed", "cls_acc": "cls_acc"}
+
+
+def eval_only(s: Settings) -> None:
+    model, tokenizer = load_policy(s, resolve_device(s.device))
+    for split, layouts in task_sets(s)[1].items():
+        result = evaluate(model, tokenizer, layouts, s)
+        print(f"{split}: greedy success {result['success']:.3f}, valid moves {result['valid_frac']:.3f} ({len(layouts)} layouts)")
+        print("\n".join(render_episode(result["moves"], result["envs"][k], k) for k in range(min(2, len(layouts)))))
+
+
+ARMS = {"grpo": "advantage", "grpo+cls-advantage": "advantage", "grpo+cls-oracle": "oracle"}
+COLUMNS = ("eval_train_success", "eval_held_out_success", "coupling_cos", "coupling_ratio", "hidden_cos", "p_flawed", "cls_acc")
+T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 95 %, by dof
+
+
+def paired_interval(diffs: list[float]) -> str:
+    """mean [95 % t-interval] of per-seed paired differences."""
+    d = np.asarray(diffs)
+    half = T_975.get(len(d) - 1, 1.96) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
 
 
 def compare(s: Settings, out_dir: str) -> str:
-    """Train the three arms for every seed with the same budget; return a markdown table (mean +- std)."""
-    coef = s.cls_coef if s.cls_coef > 0 else 0.5
-    arms = {"grpo": (0.0, "advantage"), "grpo+cls-advantage": (coef, "advantage"), "grpo+cls-oracle": (coef, "oracle")}
-    rows = [f"| arm (--cls-coef {coef} for +cls) | " + " | ".join(TABLE_COLUMNS) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
-    for arm, (cls_coef, labels) in arms.items():
-        results = []
-        for seed in map(int, s.seeds.split()):
-            arm_settings = dataclasses.replace(s, seed=seed, cls_coef=cls_coef, cls_labels=labels, compare=False)
-            summary = run(arm_settings, os.path.join(out_dir, f"{arm}-seed{seed}"))
-            results.append({**summary["coupling_end"], **summary})
-        cells = [f"{np.mean([r[k] for r in results]):.3f} ± {np.std([r[k] for r in results]):.3f}" for k in TABLE_COLUMNS.values()]
-        rows.append(f"| {arm} | " + " | ".join(cells) + " |")
-    table = "\n".join(rows) + f"\n\n{len(s.seeds.split())} seeds ({s.seeds}); std over seeds (ddof=0); end of training.\n"
+    """Train every arm on every seed with the same budget; write compare.md: each arm's mean over
+    seeds, and each GCD arm's paired difference to GRPO on the same seeds."""
+    coef = s.cls_coef or 0.5
+    end = {}
+    for arm, labels in ARMS.items():
+        for seed in s.seeds:
+            arm_s = dataclasses.replace(s, seed=seed, cls_coef=0.0 if arm == "grpo" else coef, cls_labels=labels,
+                                        compare=False, render_every=0)
+            summary = run(arm_s, os.path.join(out_dir, f"{arm}-seed{seed}"), log=lambda line: None)
+            end[arm, seed] = {**summary["end"]}
+            print(f"{arm} seed {seed}: " + ", ".join(f"{k} {end[arm, seed][k]:.3f}" for k in COLUMNS), flush=True)
+    lines = [f"| arm (--cls-coef {coef} for +cls) | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for arm in ARMS:
+        lines.append(f"| {arm} | " + " | ".join(f"{np.mean([end[arm, x][k] for x in s.seeds]):.3f}" for k in COLUMNS) + " |")
+    for arm in list(ARMS)[1:]:
+        lines.append(f"| {arm} - grpo | " + " | ".join(paired_interval([end[arm, x][k] - end["grpo", x][k] for x in s.seeds])
+                                                   for k in COLUMNS) + " |")
+    table = "\n".join(lines) + (f"\n\nSeeds {' '.join(map(str, s.seeds))}; means over seeds at the end of training; "
+                                "differences paired by seed, mean [95 % t-interval].\n")
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(table)
     return table
 
 
 def plot(out_dir: str) -> str:
-    """compare.png: held-out greedy success and coupling_cos over training, mean over seeds per arm."""
-    import matplotlib
+    """compare.png: held-out greedy success, coupling_cos and cls_acc over training, mean over seeds per arm."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError("--plot needs matplotlib, which is not a run-time dependency: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    keys = ("eval_held_out_success", "coupling_cos", "cls_acc")
+    fig, axes = plt.subplots(1, len(keys), figsize=(13, 3.8))
     runs = sorted(d for d in os.listdir(out_dir) if os.path.exists(os.path.join(out_dir, d, "metrics.jsonl")))
     for arm in sorted({d.rsplit("-seed", 1)[0] for d in runs}):
         curves = []
         for d in (d for d in runs if d.rsplit("-seed", 1)[0] == arm):
             with open(os.path.join(out_dir, d, "metrics.jsonl")) as f:
                 curves.append([json.loads(line) for line in f if "coupling_cos" in line])
-        for ax, key in zip(axes, ("eval_held_out_success", "coupling_cos")):
-            steps = [r["iter"] for r in curves[0]]
-            ax.plot(steps, np.mean([[r[key] for r in c] for c in curves], axis=0), marker="o", label=f"{arm} ({len(curves)} seeds)")
+        for ax, key in zip(axes, keys):
+            ax.plot([r["iter"] for r in curves[0]], np.mean([[r[key] for r in c] for c in curves], axis=0),
+                    marker="o", label=f"{arm} ({len(curves)} seeds)")
             ax.set_xlabel("GRPO iteration"), ax.set_title(key), ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(out_dir, "compare.png")
-    fig.savefig(path, dpi=110)
-    return path
+    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=110)
+    return os.path.join(out_dir, "compare.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -824,8 +857,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = s.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + ("-compare" if s.compare else f"-seed{s.seed}"))
     try:
         if s.eval_only:
-            return eval_only(s)
-        if s.plot:
+            eval_only(s)
+        elif s.plot:
             print(f"wrote {plot(out_dir)}")
         elif s.compare:
             print(compare(s, out_dir))

@@ -9,10 +9,11 @@
 The agent answers with one of four words -- ``up``, ``down``, ``left``, ``right`` -- as free text.
 The reward is outcome-only: 1.0 when the agent stands on the goal within the step budget, else 0.0.
 
-Why it looks like this (see ../shared/PAPER.md, section 3): every observation of a layout is the
-same grid with the ``A`` in another cell, so prompts of different states are near-identical and the
-action space is tiny. That is exactly where the paper's *gradient coupling* lives, so we do not add
-anything (coordinates, hints) that would make states trivially distinguishable.
+Why it looks like this: every observation of a layout is the same grid with the ``A`` in another
+cell, so prompts of different states are near-identical and the action space is tiny. That is
+exactly where the *gradient coupling* of arXiv 2509.23870 lives (a step that reinforces a move in one
+state also reinforces it in its near-twin), so we add nothing (coordinates, hints) that would make
+states trivially distinguishable.
 
 The oracle (breadth-first shortest-path distances to the goal) labels each action as good (it
 strictly lowers the distance) or flawed (anything else: a step away, a bump into a wall, text that
@@ -24,6 +25,7 @@ API (gym-like):
     obs = env.reset()
     obs, reward, done, info = env.step("left")   # never raises on any action text
     sample_layouts("train" | "held_out", n, seed)  -> list of layout strings
+Every public function checks its arguments and raises ValueError with a clear message.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ SPLITS = {
 # A tight budget makes every flawed move costly: with slack 2, one step away (and back) or two bumps
 # still succeed, a third wasted step fails. A generous budget lets a sloppy policy succeed by luck.
 BUDGET_SLACK = 2
+MAX_LAYOUTS = 20_000    # per request; each split has tens of thousands of distinct layouts
 MIN_START_DISTANCE = 3  # shortest path from A to G in sampled layouts; shorter is too easy to teach anything
 
 
@@ -80,11 +83,19 @@ class GridWorld:
 
     def __init__(self, walls: list[list[bool]], start: tuple[int, int], goal: tuple[int, int],
                  max_steps: int | None = None):
-        self.walls, self.start, self.goal = walls, start, goal
+        if not walls or not walls[0] or any(len(row) != len(walls[0]) for row in walls):
+            raise ValueError("walls must be a non-empty rectangular list of rows")
+        self.walls, self.goal = walls, goal
         self.rows, self.cols = len(walls), len(walls[0])
+        for name, pos in (("goal", goal), ("start", start)):
+            if not self.is_floor(pos):
+                raise ValueError(f"the {name} {pos!r} is not a (row, col) floor cell of the {self.rows}x{self.cols} grid")
         self.distance = bfs_distances(walls, goal)  # the oracle
         if start not in self.distance:
             raise ValueError("the goal is unreachable from the agent's start")
+        self.start = start
+        if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 1):
+            raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
         self.max_steps = max_steps if max_steps is not None else self.distance[start] + BUDGET_SLACK
         if self.distance[start] > self.max_steps:
             raise ValueError(f"the goal is {self.distance[start]} moves away but the budget is {self.max_steps} steps")
@@ -113,9 +124,19 @@ class GridWorld:
             raise ValueError(f"layout needs exactly one 'G' (goal), found {len(goals)}")
         return cls(walls, agents[0], goals[0], max_steps)
 
+    def is_floor(self, pos) -> bool:
+        return (isinstance(pos, tuple) and len(pos) == 2 and all(isinstance(x, int) for x in pos)
+                and 0 <= pos[0] < self.rows and 0 <= pos[1] < self.cols and not self.walls[pos[0]][pos[1]])
+
+    def check_pos(self, pos) -> tuple[int, int]:
+        """`pos` itself if the agent can stand there: a floor cell from which the goal is reachable."""
+        if not (self.is_floor(pos) and pos in self.distance):
+            raise ValueError(f"{pos!r} is not a (row, col) floor cell of this layout from which the goal is reachable")
+        return pos
+
     def to_string(self, agent: tuple[int, int] | None = None) -> str:
         """The layout as `from_string` reads it, with the agent at `agent` (default: the start)."""
-        agent = self.start if agent is None else agent
+        agent = self.start if agent is None else self.check_pos(agent)
         return "\n".join(
             "".join(AGENT if (r, c) == agent else GOAL if (r, c) == self.goal else WALL if self.walls[r][c] else FLOOR
                     for c in range(self.cols))
@@ -129,6 +150,8 @@ class GridWorld:
     # ---- dynamics --------------------------------------------------------------------------------
     def reset(self, agent: tuple[int, int] | None = None) -> str:
         """Start an episode (at the layout's start, or at any reachable non-goal cell `agent`)."""
+        if agent is not None and self.check_pos(agent) == self.goal:
+            raise ValueError("an episode cannot start on the goal")
         self.pos = self.start if agent is None else agent
         self.steps, self.done = 0, False
         return self.observation()
@@ -141,7 +164,7 @@ class GridWorld:
 
     def is_good(self, action_text, pos: tuple[int, int] | None = None) -> bool:
         """Oracle label: the action strictly lowers the shortest-path distance to the goal."""
-        pos = self.pos if pos is None else pos
+        pos = self.pos if pos is None else self.check_pos(pos)
         action = parse_action(action_text)
         return action is not None and self.distance[self.next_pos(pos, action)] < self.distance[pos]
 
@@ -167,6 +190,15 @@ class GridWorld:
         return sorted(p for p in self.distance if p != self.goal)
 
 
+def _check_args(split, n, seed) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_LAYOUTS:
+        raise ValueError(f"n must be an integer from 0 to {MAX_LAYOUTS}, got {n!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+
+
 # ---- layouts -------------------------------------------------------------------------------------
 def random_layout(rng: np.random.Generator, rows: int, cols: int, num_walls: int) -> str | None:
     """One random layout, or None when the draw is unsolvable or too easy."""
@@ -183,17 +215,17 @@ def random_layout(rng: np.random.Generator, rows: int, cols: int, num_walls: int
 
 def sample_layouts(split: str, n: int, seed: int) -> list[str]:
     """`n` distinct solvable layouts of `split` ("train" or "held_out"), deterministic in `seed`."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
+    _check_args(split, n, seed)
     spec = SPLITS[split]
     rng = np.random.default_rng([seed, spec["split_id"]])  # one independent stream per (seed, split)
-    layouts, seen = [], set()
+    layouts, seen, misses = [], set(), 0
     while len(layouts) < n:
+        if misses > 20_000:  # a finite grid has finitely many layouts: never loop for ever
+            raise ValueError(f"found only {len(layouts)} distinct {split} layouts, {n} were asked for")
         num_walls = int(rng.integers(spec["min_walls"], spec["max_walls"] + 1))
         layout = random_layout(rng, spec["rows"], spec["cols"], num_walls)
-        if layout is not None and layout not in seen:
+        misses = misses + 1 if layout is None or layout in seen else 0
+        if not misses:
             seen.add(layout)
             layouts.append(layout)
     return layouts
@@ -201,7 +233,7 @@ def sample_layouts(split: str, n: int, seed: int) -> list[str]:
 
 def split_of(layout: str) -> str:
     """Which split a layout belongs to, from its wall count (the splits' ranges are disjoint)."""
-    walls = layout.count(WALL)
+    walls = layout.count(WALL) if isinstance(layout, str) else -1
     for name, spec in SPLITS.items():
         if spec["min_walls"] <= walls <= spec["max_walls"]:
             return name
@@ -216,9 +248,10 @@ def coupled_pairs(split: str, n: int, seed: int) -> list[tuple[str, str, str]]:
     action bumps into it: flawed). Near-identical prompts, same action, opposite labels -- the
     situation in which the paper says reinforcing one can strengthen the other.
     """
+    _check_args(split, n, seed)
     rng = np.random.default_rng([seed, SPLITS[split]["split_id"], 7])
     pairs = []
-    for layout in sample_layouts(split, 50 * max(n, 1), seed):
+    for layout in sample_layouts(split, min(50 * n, MAX_LAYOUTS), seed):
         env = GridWorld.from_string(layout)
         pos = env.start
         options = [a for a in env.good_actions(pos) if env.next_pos(pos, a) != env.goal]
