@@ -2,21 +2,18 @@
 
     pip install -r requirements.txt && python grpo_agentic.py      # ~80 s on 2 CPU cores
     python grpo_agentic.py --help                                  # every setting, with its meaning
-    python grpo_agentic.py --eval-only --model runs/<run>/policy   # greedy success of a saved policy
-    python grpo_agentic.py --model path/to/any/causal-lm           # any `transformers` causal LM
+    python grpo_agentic.py --model runs/<run>/policy --iters 0 --sft-steps 0   # evaluate a saved policy
 
 A tiny GPT-2 (built from a config: nothing is downloaded) is warm-started on oracle moves, then
 trained with GRPO: for B layouts it plays G episodes each; every turn the policy reads the grid as
-text and *writes* its move; the reward is 1 if the goal is reached within the budget, else 0. The
-advantage of an episode is its reward standardised within its group of G, and every move of the
-episode is pushed up or down by it (outcome credit). Beside the RL loss the actor can also learn to
-judge its own moves as good or bad (the paper's classification objective, GCD), and probes measure
-the paper's claims as training goes: flawed moves' advantages, squeezing, gradient coupling.
+text and *writes* its move; the reward is 1 if the goal is reached within the budget, else 0. Every
+move of an episode inherits the episode's advantage, its reward standardised within its group of G.
+The actor can also learn to judge its own moves (the paper's classification objective, GCD), and
+probes measure the paper's claims as training goes: flawed moves' advantages, squeezing, coupling.
 
-The file reads in the order the data flows: settings -> model -> rollout -> advantages and loss ->
-classification loss -> update -> diagnostics -> training loop -> experiment and command line.
-`CORE:` marks the sections worth copying. Where we deviate from DeepSeekMath GRPO and from the paper,
-and why: README.md, "Deviations and choices" (one numbered list, kept in one place).
+Sections follow the data: settings -> model -> rollout -> advantages and loss -> classification loss
+-> update -> diagnostics -> training loop -> experiment and command line; `CORE:` marks the parts
+worth copying. Deviations from DeepSeekMath GRPO and from the paper, and why: README.md.
 
 Shapes:  B tasks (layouts) per iteration, G episodes per task (the group), N moves in a batch,
          P prompt tokens, K generated action tokens, T = prompt + action tokens, V vocabulary.
@@ -39,19 +36,14 @@ from transformers import HfArgumentParser
 
 import toy_env
 
-# ------------------------------------------------------------------------------------------------
-# Settings: the one source of truth. The command line and --help are derived from this dataclass.
-# ------------------------------------------------------------------------------------------------
-
-
+# ---- Settings: the one source of truth. The command line and --help are derived from this dataclass. ----
 def arg(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
-
 
 @dataclass
 class Settings:
     seed: int = arg(0, "random seed (init, task sampling, rollouts, minibatch order)")
-    iters: int = arg(250, "GRPO iterations (each: rollouts of B x G episodes, then one update)")
+    iters: int = arg(250, "GRPO iterations (each: rollouts of B x G episodes, then one update); 0 = evaluate only")
     train_tasks: int = arg(64, "size of the fixed set of train-split layouts that RL (and the warm-up) sees")
     data_seed: int = arg(0, "seed of the train and held-out layout sets (fixed across training seeds)")
     tasks_per_iter: int = arg(16, "B: distinct train layouts per iteration")
@@ -74,65 +66,50 @@ class Settings:
     cls_coef: float = arg(0.0, "weight of the actor's own good/bad classification loss (GCD); 0 = plain GRPO")
     cls_labels: str = arg("advantage", "classification labels: 'advantage' (sign of the move's GRPO advantage) or 'oracle'")
     probe_pairs: int = arg(16, "coupled (good, flawed) state pairs in the gradient-coupling probe")
-    probe_step: float = arg(1e-5, "SGD step size of the probe's one-step coupling measurement")
-    skip_probes: bool = arg(False, "skip the diagnostics probes (p_flawed, coupling, cls_acc): to measure what they cost")
     model: str = arg("", "path or hub name of a causal LM for AutoModelForCausalLM ('' = tiny GPT-2 from config)")
     tiny_layers: int = arg(3, "layers of the built-in tiny GPT-2")
     tiny_dim: int = arg(96, "width of the built-in tiny GPT-2 (a multiple of its 4 heads)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     out_dir: str = arg("", "where settings.json, metrics.jsonl, summary.json and policy/ go ('' = runs/<time>-seed<seed>)")
     overwrite: bool = arg(False, "allow writing into an --out-dir that already holds a run")
-    eval_only: bool = arg(False, "only evaluate --model greedily on both splits and print a few episodes")
     compare: bool = arg(False, "train GRPO, GRPO+cls (advantage labels), GRPO+cls (oracle labels) for each of --seeds")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seeds of --compare, e.g. --seeds 0 1 2 3 4"})
     plot: bool = arg(False, "plot a --compare --out-dir over training (needs matplotlib)")
-
     def __post_init__(self):
         """Value checks. The first bad setting raises one ValueError that names its flag."""
         def need(ok: bool, name: str, rule: str):
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)!r}")
-        for name in ("iters", "epochs", "train_tasks", "tasks_per_iter", "minibatch_moves", "max_action_tokens",
+        for name in ("epochs", "train_tasks", "tasks_per_iter", "minibatch_moves", "max_action_tokens",
                      "sft_batch", "eval_every", "eval_tasks", "probe_pairs", "tiny_layers", "tiny_dim"):
-            need(getattr(self, name) >= 1 or (name == "iters" and self.eval_only), name, ">= 1")
-        for name in ("sft_steps", "lr_warmup_iters", "render_every", "kl_coef", "clip_eps", "cls_coef", "data_seed"):
+            need(getattr(self, name) >= 1, name, ">= 1")
+        for name in ("iters", "sft_steps", "lr_warmup_iters", "render_every", "kl_coef", "clip_eps", "cls_coef", "data_seed"):
             need(getattr(self, name) >= 0, name, ">= 0")
-        for name in ("lr", "sft_lr", "temperature", "probe_step"):
+        for name in ("lr", "sft_lr", "temperature"):
             need(getattr(self, name) > 0 and math.isfinite(getattr(self, name)), name, "a positive number")
         need(self.group_size >= 2, "group_size", ">= 2 (a group of one has no baseline)")
         need(self.tiny_dim % 4 == 0, "tiny_dim", "a multiple of 4 (the number of heads)")
         need(self.cls_labels in ("advantage", "oracle"), "cls_labels", "'advantage' or 'oracle'")
         need(len(self.seeds) > 0 and all(x >= 0 for x in self.seeds), "seeds", "one or more integers >= 0")
-        need(not self.eval_only or bool(self.model), "eval_only", "used with --model (a saved policy directory)")
         need(not self.plot or bool(self.out_dir), "plot", "used with --out-dir (the directory of a --compare run)")
         resolve_device(self.device)
 
-
 def resolve_device(name: str) -> torch.device:
     """'auto' picks cuda, then mps, then cpu; an unavailable or unknown device is a ValueError."""
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    kind, _, index = name.partition(":")
     if name == "auto":
-        return torch.device(next(kind for kind in ("cuda", "mps", "cpu") if available[kind]))
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in available:
+        return torch.device(next(k for k, ok in available.items() if ok))
+    if kind not in available or not (index == "" or index.isdigit()):
         raise ValueError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    if not available[device.type]:
-        raise ValueError(f"--device {name}: {device.type.upper()} is not available on this machine")
-    return device
-
-
-class OneLineParser(HfArgumentParser):
-    """transformers' dataclass -> argparse bridge; every error is one line and exit code 2."""
-
-    def error(self, message):
-        self.exit(2, f"grpo_agentic.py: error: {message} (see --help)\n")
-
+    if not available[kind]:
+        raise ValueError(f"--device {name}: {kind.upper()} is not available on this machine")
+    return torch.device(name)
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
-    parser = OneLineParser(Settings, prog="grpo_agentic.py", description=__doc__.split("\n")[0])
+    """The command line, built from Settings by transformers' HfArgumentParser; any error is one line, exit code 2."""
+    parser = HfArgumentParser(Settings, prog="grpo_agentic.py", description=__doc__.split("\n")[0])
+    parser.error = lambda message: parser.exit(2, f"grpo_agentic.py: error: {message} (see --help)\n")
     try:
         (s,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:  # from Settings.__post_init__, or arguments argparse did not use
@@ -141,27 +118,21 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     if s.model and looks_like_path and not os.path.exists(os.path.expanduser(s.model)):
         parser.error(f"--model {s.model}: no such file or directory")
     holds_run = any(os.path.exists(os.path.join(s.out_dir, f)) for f in ("metrics.jsonl", "compare.md"))
-    if s.out_dir and holds_run and not (s.eval_only or s.plot or s.overwrite):
+    if s.out_dir and holds_run and not (s.plot or s.overwrite):
         parser.error(f"--out-dir {s.out_dir} already holds a run; choose another directory or pass --overwrite")
     return s
-
 
 class NonFiniteError(RuntimeError):
     """A loss or the logits became NaN/inf: stop rather than train on garbage."""
 
-
-# ------------------------------------------------------------------------------------------------
-# Model & tokenizer
-# ------------------------------------------------------------------------------------------------
+# ---- Model & tokenizer -----------------------------------------------------------------------------
 VERDICT_QUERY = " verdict:"   # appended after a move; the LM head then scores " good" vs " bad" (GCD)
 VERDICTS = ("good", "bad")
-
 
 def build_word_tokenizer():
     """A word-level tokenizer over the environment's words: one token per cell, newline, move."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
     words = ["[PAD]", "[UNK]", "[EOS]", *toy_env.VOCABULARY, VERDICT_QUERY.strip(), *VERDICTS]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.Sequence([
@@ -170,48 +141,35 @@ def build_word_tokenizer():
     ])
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
-
 def build_tiny_model(tokenizer, s: Settings):
     """A small GPT-2 from a config (random init). 3 layers x 96 wide is ~0.34 M parameters."""
     from transformers import GPT2Config, GPT2LMHeadModel
-
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=s.tiny_dim, n_layer=s.tiny_layers,
-                        n_head=4, activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        initializer_range=0.1,  # GPT-2's 0.02 leaves a tiny model on a long plateau here
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    return GPT2LMHeadModel(config)
-
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(tokenizer), n_positions=64, n_embd=s.tiny_dim, n_layer=s.tiny_layers, n_head=4,
+        activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,  # dropout is off in RL anyway
+        initializer_range=0.1,  # GPT-2's 0.02 leaves a tiny model on a long plateau here
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
 
 def load_policy(s: Settings, device: torch.device):
     """(model, tokenizer): the tiny built-in model, or any causal LM named by --model."""
     torch.manual_seed(s.seed)
     if not s.model:
         tokenizer = build_word_tokenizer()
-        model = build_tiny_model(tokenizer, s)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(s.model)
-        model = AutoModelForCausalLM.from_pretrained(s.model, dtype=torch.float32)
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"--model {s.model}: its tokenizer has no end-of-text token to end an action")
-        if tokenizer.pad_token_id is None:  # harmless: padding is always given by the attention mask
-            tokenizer.pad_token = tokenizer.eos_token
-    return model.to(device), tokenizer
-
+        return build_tiny_model(tokenizer, s).to(device), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(s.model)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"--model {s.model}: its tokenizer has no end-of-text token to end an action")
+    if tokenizer.pad_token_id is None:  # harmless: which positions are padding always comes from lengths/masks
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(s.model, dtype=torch.float32).to(device), tokenizer
 
 def action_ids_for(tokenizer, action: str) -> list[int]:
     """The one action format: ' left' + end-of-text, as ids. A rollout takes exactly these ids as a
     move, so every probe that scores this sequence scores what the policy really does."""
     return tokenizer(" " + action, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
-
-# ------------------------------------------------------------------------------------------------
-# Rollout: all live episodes step together, one batched forward per generated token.
-# ------------------------------------------------------------------------------------------------
-
-
+# ---- Rollout: all live episodes step together, one batched forward per generated token. ------------
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Left-pad prompts for generation: ids, attention mask and position ids, each (N, P).
     Positions count real tokens only, so the padding is invisible to the model."""
@@ -220,39 +178,31 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], device=device)  # (N, P)
     return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
-
 @torch.no_grad()
 def generate_actions(model, tokenizer, prompts: list[list[int]], max_tokens: int, temperature: float,
                      greedy: bool, generator: torch.Generator | None):
     """Sample one action per prompt. Returns (token ids per action, their log-probs, decoded texts).
-
     Our own loop rather than `model.generate`, so the tokens come from exactly softmax(logits / T):
     no top-k/top-p/repetition processors from a model's generation_config sneak in, and the
-    log-probs recorded here are those of the distribution the loss scores.
-    """
+    log-probs recorded here are those of the distribution the loss scores."""
     device = next(model.parameters()).device
-    eos = tokenizer.eos_token_id
     ids, mask, positions = left_pad(prompts, tokenizer.pad_token_id, device)  # each (N, P)
-    n = len(prompts)
+    n, cache = len(prompts), None
     actions, logps = [[] for _ in range(n)], [[] for _ in range(n)]
     finished = torch.zeros(n, dtype=torch.bool, device=device)        # (N,)
-    cache = None
     for _ in range(max_tokens):
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
         logits = out.logits[:, -1, :].float() / temperature             # (N, V)
         if not torch.isfinite(logits).all():
             raise NonFiniteError("the policy's logits are not finite")
         logprobs = torch.log_softmax(logits, dim=-1)                    # (N, V)
-        if greedy:
-            token = logprobs.argmax(dim=-1)                             # (N,)
-        else:
-            token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1)  # (N,)
-        token_logp = logprobs.gather(1, token[:, None]).squeeze(1)      # (N,)
-        tokens, token_logps = token.tolist(), token_logp.tolist()
+        token = (logprobs.argmax(dim=-1) if greedy                      # (N,)
+                 else torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(1))
+        tokens, token_logps = token.tolist(), logprobs.gather(1, token[:, None]).squeeze(1).tolist()  # N and N
         for i in (~finished).nonzero().flatten().tolist():
             actions[i].append(tokens[i])
             logps[i].append(token_logps[i])
-        finished |= token == eos
+        finished |= token == tokenizer.eos_token_id
         if finished.all():
             break
         cache = out.cache
@@ -260,7 +210,6 @@ def generate_actions(model, tokenizer, prompts: list[list[int]], max_tokens: int
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
     texts = tokenizer.batch_decode(actions, skip_special_tokens=True)
     return actions, logps, texts
-
 
 @dataclass
 class Move:
@@ -273,22 +222,18 @@ class Move:
     action: str | None          # the move these ids spell in the one action format; None = off-format
     good: bool                  # oracle label: diagnostics and the oracle-label ablation only, never the reward
 
-
 def encode_prompts(tokenizer, observations: list[str]) -> list[list[int]]:
     return tokenizer(observations, add_special_tokens=True)["input_ids"]
-
 
 def rollout(model, tokenizer, layouts: list[str], group_size: int, s: Settings, greedy: bool = False,
             generator: torch.Generator | None = None):
     """Play `group_size` episodes on each layout, all at once. Returns (moves, rewards (B, G), envs).
-
     Only ids that spell ' move' + end-of-text exactly are a move; anything else (say 'left \\n \\n',
     which the lenient environment would parse) is off-format and moves nothing."""
     formats = {tuple(action_ids_for(tokenizer, a)): a for a in toy_env.ACTIONS}
     envs = [toy_env.GridWorld.from_string(lay) for lay in layouts for _ in range(group_size)]
     observations = [env.reset() for env in envs]
-    moves: list[Move] = []
-    live = list(range(len(envs)))
+    moves, live = [], list(range(len(envs)))       # live: episodes still running
     while live:
         prompt_ids = encode_prompts(tokenizer, [observations[i] for i in live])
         action_ids, logps, texts = generate_actions(model, tokenizer, prompt_ids, s.max_action_tokens,
@@ -301,19 +246,12 @@ def rollout(model, tokenizer, layouts: list[str], group_size: int, s: Settings, 
     rewards = torch.tensor([float(env.pos == env.goal) for env in envs]).view(len(layouts), group_size)  # (B, G)
     return moves, rewards, envs
 
-
 def render_episode(moves: list[Move], env: toy_env.GridWorld, episode: int) -> str:
     """One episode as text: the start grid, then each move marked good (+) or flawed (-)."""
     steps = [f"{m.text!r}{'+' if m.good else '-'}" for m in moves if m.episode == episode]
-    outcome = "reached the goal" if env.pos == env.goal else "failed"
-    return f"{env.to_string()}\n  moves: {' '.join(steps)}  -> {outcome} in {len(steps)} steps"
+    return f"{env.to_string()}\n  moves: {' '.join(steps)}  -> {'reached the goal' if env.pos == env.goal else 'failed'}"
 
-
-# ------------------------------------------------------------------------------------------------
-# CORE: GRPO advantages and loss
-# ------------------------------------------------------------------------------------------------
-
-
+# ---- CORE: GRPO advantages and loss ----------------------------------------------------------------
 def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """Group-relative advantage, (num_groups, G) -> (num_groups, G).
 
@@ -332,14 +270,11 @@ def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float
     all_equal = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)    # (num_groups, 1)
     return torch.where(all_equal, torch.zeros_like(advantages), advantages)
 
-
 def build_batch(prompts: list[list[int]], actions: list[list[int]], pad_id: int, device):
     """Right-padded prompt+action sequences: ids, attention mask and action mask, each (N, T).
-
     The action mask is 1 exactly on the action ids (as sampled, never re-tokenised text); prompt
     tokens and padding are 0, so they are never trained. Which positions are padding is known from
-    the lengths, never guessed from token ids: pad may equal end-of-text, which an action ends with.
-    """
+    the lengths, never guessed from token ids: pad may equal end-of-text, which an action ends with."""
     width = max(len(p) + len(a) for p, a in zip(prompts, actions))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)    # (N, T)
     attention = torch.zeros(len(prompts), width, dtype=torch.long)       # (N, T)
@@ -350,24 +285,19 @@ def build_batch(prompts: list[list[int]], actions: list[list[int]], pad_id: int,
         action_mask[i, len(p): len(p) + len(a)] = 1.0
     return ids.to(device), attention.to(device), action_mask.to(device)
 
-
 def token_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(token_t | tokens_<t) for every position, (N, T); position 0 (nothing to condition on) is 0.
-
-    pi = softmax(logits / temperature): the loss must score the distribution the rollout sampled from.
-    """
+    pi = softmax(logits / temperature): the loss must score the distribution the rollout sampled from."""
     logits = model(input_ids=ids, attention_mask=attention).logits.float() / temperature  # (N, T, V)
     logp = torch.log_softmax(logits[:, :-1], dim=-1)                        # (N, T-1, V) predicts t=1..T-1
     picked = logp.gather(2, ids[:, 1:, None]).squeeze(2)                    # (N, T-1)
     return F.pad(picked, (1, 0))                                            # (N, T)
-
 
 def sequence_logprobs(model, prompts: list[list[int]], actions: list[list[int]], pad_id: int,
                       temperature: float = 1.0) -> torch.Tensor:
     """log pi(action | prompt) of each pair: the sum over the action's tokens, (N,)."""
     ids, attention, action_mask = build_batch(prompts, actions, pad_id, next(model.parameters()).device)
     return (token_logprobs(model, ids, attention, temperature) * action_mask).sum(dim=1)
-
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, action_mask: torch.Tensor,
               clip_eps: float, ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0):
@@ -395,34 +325,23 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
     return loss, {"clip_frac": float(((dev > clip_eps).float()).sum() / num_action_tokens),
                   "kl": kl.item(), "ratio_dev": float(dev.max())}
 
-
-# ------------------------------------------------------------------------------------------------
-# CORE: the actor classifies its own moves (the paper's "generative classification disentanglement")
-# ------------------------------------------------------------------------------------------------
-
-
+# ---- CORE: the actor classifies its own moves (the paper's "generative classification disentanglement") ----
 def classification_labels(moves: list[Move], advantages: torch.Tensor, source: str) -> torch.Tensor:
     """Per-move label, (N,): 1 = good, 0 = bad, -1 = no label.
-
     'advantage': the sign of the move's GRPO advantage -- no oracle needed; A = 0 carries no label.
-    'oracle':    the environment's oracle label (an upper-bound ablation only a toy allows).
-    """
+    'oracle':    the environment's oracle label (an upper-bound ablation only a toy allows)."""
     if source == "oracle":
         return torch.tensor([int(m.good) for m in moves])
     return torch.where(advantages > 0, 1, torch.where(advantages < 0, 0, -1))
 
-
 def verdict_logits(model, tokenizer, prompts: list[list[int]], actions: list[list[int]]) -> torch.Tensor:
     """(N, 2) scores [log p(" good" | s, a, query), log p(" bad" | s, a, query)] from the actor's own LM head.
-
-    Each verdict may span several tokens: its score is the sum of their log-probs. No new parameters.
-    """
+    Each verdict may span several tokens: its score is the sum of their log-probs. No new parameters."""
     query = tokenizer(VERDICT_QUERY, add_special_tokens=False)["input_ids"]
     asked = [p + a + query for p, a in zip(prompts, actions)]                 # state, move, query
     scores = [sequence_logprobs(model, asked, [tokenizer(" " + w, add_special_tokens=False)["input_ids"]] * len(asked),
                                 tokenizer.pad_token_id) for w in VERDICTS]    # 2 x (N,)
     return torch.stack(scores, dim=1)                                         # (N, 2)
-
 
 def classification_loss(model, tokenizer, moves: list[Move], labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the 2-way verdict, mean over labelled moves: -log softmax(logits)[label]."""
@@ -433,12 +352,7 @@ def classification_loss(model, tokenizer, moves: list[Move], labels: torch.Tenso
                             [moves[i].action_ids for i in keep])                  # (n, 2)
     return F.cross_entropy(logits, 1 - labels[keep].to(logits.device))          # index 0 = "good"
 
-
-# ------------------------------------------------------------------------------------------------
-# CORE: the update -- clipped surrogate (+ classification, + KL) over shuffled minibatches
-# ------------------------------------------------------------------------------------------------
-
-
+# ---- CORE: the update -- clipped surrogate (+ classification, + KL) over shuffled minibatches ------
 def minibatches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
     """A fresh shuffle of range(n) cut into round(n / size) near-equal minibatches (sizes differ by at
     most 1), so that no tiny remainder gets a full optimiser step of its own.
@@ -447,7 +361,6 @@ def minibatches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]
     [300, 300]
     """
     return np.array_split(rng.permutation(n), max(1, round(n / size)))
-
 
 def learning_rate(it: int, peak: float, warmup: int, total: int) -> float:
     """Learning rate of RL iteration `it` (1-based): linear warm-up to `peak`, reached at iteration
@@ -463,70 +376,49 @@ def learning_rate(it: int, peak: float, warmup: int, total: int) -> float:
     """
     return peak * min(1.0, it / warmup if warmup else 1.0, (total + 1 - it) / (total + 1 - warmup))
 
-
 def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, optimizer, s: Settings,
                 rng: np.random.Generator, ref_model=None) -> dict:
     """`s.epochs` shuffled passes of clipped-surrogate steps over the moves that carry signal (A != 0).
-
     Moves of all-equal groups have A = 0: no policy gradient, so they are left out -- whatever
     --kl-coef is, so that switching KL on adds a KL term and changes nothing else. The old log-probs
     are the ones recorded while sampling (same model, dropout off): on the first minibatch the
-    ratio is 1 up to float error, logged as `ratio_dev_first`.
-    """
+    ratio is 1 up to float error, logged as `ratio_dev_first`."""
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id
     signal = (advantages != 0).nonzero().flatten().tolist()
     labels = classification_labels(moves, advantages, s.cls_labels)                       # (N,)
-    logs = {"loss": [], "pg_loss": [], "clip_frac": [], "kl": [], "cls_loss": []}
-    ratio_dev_first = float("nan")
+    steps = []
     for _ in range(s.epochs if signal else 0):
         for part in minibatches(len(signal), s.minibatch_moves, rng):
             idx = [signal[k] for k in part]
             batch = [moves[i] for i in idx]
             ids, attention, action_mask = build_batch([m.prompt_ids for m in batch], [m.action_ids for m in batch],
-                                                       pad, device)                      # (n, T) each
+                                                       tokenizer.pad_token_id, device)  # (n, T) each
             old = torch.zeros_like(action_mask)                                           # (n, T)
             old[action_mask == 1] = torch.tensor([lp for m in batch for lp in m.sample_logps], device=device)
             logp = token_logprobs(model, ids, attention, s.temperature)                   # (n, T)
-            ref = None
-            if ref_model is not None:
-                with torch.no_grad():
-                    ref = token_logprobs(ref_model, ids, attention, s.temperature)
+            with torch.no_grad():
+                ref = token_logprobs(ref_model, ids, attention, s.temperature) if ref_model is not None else None
             pg_loss, info = grpo_loss(logp, old, advantages[idx].to(device), action_mask, s.clip_eps, ref, s.kl_coef)
-            loss = pg_loss
-            if s.cls_coef > 0:
-                cls_loss = classification_loss(model, tokenizer, batch, labels[idx])
-                loss = loss + s.cls_coef * cls_loss
-                logs["cls_loss"].append(cls_loss.item())
+            cls_loss = classification_loss(model, tokenizer, batch, labels[idx]) if s.cls_coef > 0 else None
+            loss = pg_loss + s.cls_coef * cls_loss if cls_loss is not None else pg_loss
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"the GRPO loss is {loss.item()}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            if math.isnan(ratio_dev_first):
-                ratio_dev_first = info["ratio_dev"]
-            for key, value in (("loss", loss.item()), ("pg_loss", pg_loss.item()), ("clip_frac", info["clip_frac"]),
-                               ("kl", info["kl"])):
-                logs[key].append(value)
-    mean = {k: float(np.mean(v)) if v else float("nan") for k, v in logs.items()}
-    return {**mean, "update_moves": len(signal), "ratio_dev_first": ratio_dev_first}
+            steps.append({"loss": loss.item(), "pg_loss": pg_loss.item(), **info, "cls_loss": cls_loss.item() if cls_loss is not None else math.nan})
+    mean = {k: float(np.mean([x[k] for x in steps])) if steps else float("nan")
+            for k in ("loss", "pg_loss", "clip_frac", "kl", "cls_loss")}
+    return {**mean, "update_moves": len(signal), "ratio_dev_first": steps[0]["ratio_dev"] if steps else float("nan")}
 
-
-# ------------------------------------------------------------------------------------------------
-# Diagnostics: the paper's claims, measured (oracle labels are used here, never in the update)
-# ------------------------------------------------------------------------------------------------
-
-
+# ---- Diagnostics: the paper's claims, measured (oracle labels are used here, never in the update) ----
 def flawed_step_stats(moves: list[Move], move_adv: torch.Tensor) -> dict:
     """Lemma 3.1 in the wild: the advantage outcome-based GRPO gives to good vs flawed moves."""
     flawed = torch.tensor([not m.good for m in moves])                  # (N,)
-    nan = float("nan")
-    return {"flawed_frac": float(flawed.float().mean()),
-            "adv_flawed_mean": float(move_adv[flawed].mean()) if flawed.any() else nan,
-            "adv_good_mean": float(move_adv[~flawed].mean()) if (~flawed).any() else nan,
-            "flawed_pos_adv_frac": float((move_adv[flawed] > 0).float().mean()) if flawed.any() else nan}
-
+    return {"flawed_frac": flawed.float().mean().item(), "adv_flawed_mean": move_adv[flawed].mean().item(),
+            "adv_good_mean": move_adv[~flawed].mean().item(),     # the mean of an empty set is NaN (null in the log)
+            "flawed_pos_adv_frac": (move_adv[flawed] > 0).float().mean().item()}
 
 def squeezing_step(probs: torch.Tensor, action: int, advantage: float, lr: float) -> torch.Tensor:
     """One exact policy-gradient step on the logits z of a softmax policy pi = softmax(z), (K,) -> (K,):
@@ -545,12 +437,10 @@ def squeezing_step(probs: torch.Tensor, action: int, advantage: float, lr: float
     z = torch.log(probs) + lr * advantage * (F.one_hot(torch.tensor(action), len(probs)).float() - probs)
     return torch.softmax(z, dim=0)
 
-
 def action_logprobs(model, tokenizer, observations: list[str], actions: list[str]) -> torch.Tensor:
     """log pi(action | observation) of whole actions in the one action format, (N,)."""
     return sequence_logprobs(model, encode_prompts(tokenizer, observations),
                              [action_ids_for(tokenizer, a) for a in actions], tokenizer.pad_token_id)
-
 
 @torch.no_grad()
 def flawed_mass(model, tokenizer, probe: list[tuple[str, list[str]]]) -> dict:
@@ -563,7 +453,6 @@ def flawed_mass(model, tokenizer, probe: list[tuple[str, list[str]]]) -> dict:
     return {"p_flawed": float((1 - (p * good).sum(1)).mean()),
             "p_flawed_max": float(p.masked_fill(good, 0).max(1).values.mean())}
 
-
 @torch.no_grad()
 def classification_accuracy(model, tokenizer, probe: list[tuple[str, list[str]]]) -> float:
     """cls_acc: share of (state, move) on probe states whose verdict matches the oracle, all 4 moves."""
@@ -573,70 +462,52 @@ def classification_accuracy(model, tokenizer, probe: list[tuple[str, list[str]]]
     predicted_good = verdict_logits(model, tokenizer, prompts, actions).argmax(dim=1).cpu() == 0
     return float((predicted_good == is_good).float().mean())
 
+def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
+    """Gradient coupling between near-identical states, mean over (s_good, s_flawed, a) pairs, where
+    g_x = grad_theta log pi(a | s_x) (the whole action's log-prob, all parameters):
 
-def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], step_size: float) -> dict:
-    """Gradient coupling between near-identical states, mean over (s_good, s_flawed, a) pairs:
+    coupling_cos   = cos(g_good, g_flawed)
+    coupling_ratio = <g_good, g_flawed> / <g_good, g_good>. A small step theta += eta * g_good raises
+                     log pi(a|s_good) by eta*|g_good|^2 and log pi(a|s_flawed) by eta*<g_good, g_flawed>
+                     (first order): the ratio is the share of the intended gain that leaks to the flawed
+                     twin (1 = all of it), free of step size and of the gradients' overall scale.
+    hidden_cos     = cos(h_good, h_flawed), last-layer hidden states where the move is predicted
 
-    coupling_cos   = cos(g_good, g_flawed),  g_x = grad_theta log pi(a | s_x)  (whole action, all params)
-    coupling_step  = log pi'(a|s_flawed) - log pi(a|s_flawed) after theta' = theta + step_size * g_good
-    coupling_pred  = step_size * <g_good, g_flawed>   (the first-order prediction of coupling_step)
-    coupling_ratio = <g_good, g_flawed> / <g_good, g_good>: to first order, the change of log pi(a|s_flawed)
-                     per unit change of log pi(a|s_good) under that step -- the share of the intended
-                     gain that leaks to the flawed twin (1 = all of it), free of step size and gradient scale
-    hidden_cos     = cos(h_good, h_flawed), last-layer hidden state where the move is predicted
-
-    Uses torch.autograd.grad (never .grad) and puts every weight back in place (same storage), so
-    the model, its gradients and the optimiser state are exactly as before.
-    """
+    Uses torch.autograd.grad (never .grad) and never changes a weight, so the model, its gradients
+    and the optimiser state are exactly as before."""
     was_training = model.training
     model.eval()  # no dropout noise in the probe
     params = [p for p in model.parameters() if p.requires_grad]
-    out = {k: [] for k in ("coupling_cos", "coupling_step", "coupling_pred", "coupling_ratio", "hidden_cos")}
+    out = {"coupling_cos": [], "coupling_ratio": [], "hidden_cos": []}
     for good_layout, flawed_layout, action in pairs:
         obs = [toy_env.GridWorld.from_string(x).observation() for x in (good_layout, flawed_layout)]
-        before = action_logprobs(model, tokenizer, obs, [action, action])                  # (2,)
-        g_good, g_flawed = (torch.autograd.grad(before[k], params, retain_graph=k == 0) for k in (0, 1))
-        flat_good, flat_flawed = torch.cat([g.flatten() for g in g_good]), torch.cat([g.flatten() for g in g_flawed])
+        logps = action_logprobs(model, tokenizer, obs, [action, action])                    # (2,)
+        g_good, g_flawed = (torch.cat([g.flatten() for g in torch.autograd.grad(logps[k], params, retain_graph=k == 0)])
+                            for k in (0, 1))                                                # (num_params,) each
         with torch.no_grad():
-            saved = [p.detach().clone() for p in params]
-            for p, g in zip(params, g_good):                                               # one SGD step up on s_good
-                p.add_(g, alpha=step_size)
-            after = action_logprobs(model, tokenizer, obs[1:], [action])                   # (1,)
-            for p, x in zip(params, saved):                                                # in place: same storage
-                p.copy_(x)
-            ids, mask, positions = left_pad(encode_prompts(tokenizer, obs), tokenizer.pad_token_id, before.device)
+            ids, mask, positions = left_pad(encode_prompts(tokenizer, obs), tokenizer.pad_token_id, logps.device)
             hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           output_hidden_states=True).hidden_states[-1][:, -1]              # (2, d)
-        out["coupling_cos"].append(F.cosine_similarity(flat_good, flat_flawed, dim=0).item())
-        out["coupling_pred"].append(step_size * (flat_good @ flat_flawed).item())
-        out["coupling_step"].append((after[0] - before[1]).item())
-        out["coupling_ratio"].append((flat_good @ flat_flawed).item() / (flat_good @ flat_good).item())
+                           output_hidden_states=True).hidden_states[-1][:, -1]               # (2, d)
+        out["coupling_cos"].append(F.cosine_similarity(g_good, g_flawed, dim=0).item())
+        out["coupling_ratio"].append((g_good @ g_flawed).item() / (g_good @ g_good).item())
         out["hidden_cos"].append(F.cosine_similarity(hidden[0], hidden[1], dim=0).item())
     model.train(was_training)
     return {k: float(np.mean(v)) for k, v in out.items()}
 
-
-# ------------------------------------------------------------------------------------------------
-# Training loop: warm-up, then GRPO iterations (rollout -> advantages -> update -> log)
-# ------------------------------------------------------------------------------------------------
-
-
+# ---- Training loop: warm-up, then GRPO iterations (rollout -> advantages -> update -> log) ---------
 def sft_warmup(model, tokenizer, layouts: list[str], s: Settings, rng: np.random.Generator) -> list[float]:
     """Supervised warm-up: maximise log pi(oracle move | random state), action tokens only."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.sft_lr)
-    device = next(model.parameters()).device
-    envs = [toy_env.GridWorld.from_string(x) for x in layouts]
-    losses = []
+    envs, losses = [toy_env.GridWorld.from_string(x) for x in layouts], []
     for _ in range(s.sft_steps):
-        prompts, targets = [], []
-        for k in rng.integers(len(layouts), size=s.sft_batch):
-            env = envs[k]
-            cells = env.free_cells()
-            pos = cells[rng.integers(len(cells))]
+        observations, targets = [], []
+        for env in (envs[k] for k in rng.integers(len(envs), size=s.sft_batch)):
+            pos = env.free_cells()[rng.integers(len(env.free_cells()))]          # a random state
             good = env.good_actions(pos)
-            prompts += encode_prompts(tokenizer, [env.observation(pos)])
-            targets.append(action_ids_for(tokenizer, good[rng.integers(len(good))]))
-        ids, attention, action_mask = build_batch(prompts, targets, tokenizer.pad_token_id, device)  # (n, T) each
+            observations.append(env.observation(pos))
+            targets.append(action_ids_for(tokenizer, good[rng.integers(len(good))]))  # a random good move
+        ids, attention, action_mask = build_batch(encode_prompts(tokenizer, observations), targets, tokenizer.pad_token_id,
+                                                  next(model.parameters()).device)  # (n, T) each
         nll = -(token_logprobs(model, ids, attention) * action_mask).sum() / action_mask.sum()
         optimizer.zero_grad(set_to_none=True)
         nll.backward()
@@ -644,49 +515,47 @@ def sft_warmup(model, tokenizer, layouts: list[str], s: Settings, rng: np.random
         losses.append(nll.item())
     return losses
 
-
 @torch.no_grad()
-def evaluate(model, tokenizer, layouts: list[str], s: Settings) -> dict:
-    """Greedy success and valid-move rate, one episode per layout; restores the model's mode."""
+def evaluate(model, tokenizer, layouts: list[str], s: Settings) -> float:
+    """Greedy success rate, one episode per layout; restores the mode (train/eval) it found."""
     was_training = model.training
     model.eval()
-    moves, rewards, envs = rollout(model, tokenizer, layouts, 1, s, greedy=True)
+    _, rewards, _ = rollout(model, tokenizer, layouts, 1, s, greedy=True)
     model.train(was_training)
-    return {"success": rewards.mean().item(), "valid_frac": float(np.mean([m.action is not None for m in moves])),
-            "moves": moves, "envs": envs}
-
+    return rewards.mean().item()
 
 def task_sets(s: Settings) -> tuple[list[str], dict[str, list[str]]]:
-    """The fixed training tasks, and the evaluation sets: the first `eval_tasks` of the training
-    tasks (seen in training, as in the paper's in-domain split) and unseen held-out layouts."""
+    """The fixed train tasks; eval sets: the first `eval_tasks` of them (in-domain) and unseen held-out layouts."""
     pool = toy_env.sample_layouts("train", s.train_tasks, seed=s.data_seed)
     return pool, {"train": pool[: s.eval_tasks], "held_out": toy_env.sample_layouts("held_out", s.eval_tasks, seed=s.data_seed)}
 
-
-def measure(model, tokenizer, eval_sets: dict, s: Settings) -> dict:
-    """Greedy success on both evaluation sets, then (unless --skip-probes) the probes."""
+def measure(model, tokenizer, eval_sets: dict, s: Settings, log, it: int) -> dict:
+    """Greedy success on both evaluation sets, then the probes; logs one line."""
     t = time.time()
-    row = {f"eval_{split}_success": evaluate(model, tokenizer, layouts, s)["success"] for split, layouts in eval_sets.items()}
+    row = {f"eval_{split}_success": evaluate(model, tokenizer, layouts, s) for split, layouts in eval_sets.items()}
     row["eval_s"] = time.time() - t
-    if not s.skip_probes:
-        def start_states(layouts):  # (observation, good moves) at each layout's start
-            return [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, layouts)]
-        t = time.time()
-        row.update(flawed_mass(model, tokenizer, start_states(eval_sets["train"])),
-                   **coupling_probe(model, tokenizer, toy_env.coupled_pairs("train", s.probe_pairs, s.data_seed), s.probe_step),
-                   cls_acc=classification_accuracy(model, tokenizer, start_states(eval_sets["held_out"])))
-        row["probe_s"] = time.time() - t
+    start_states = {split: [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, layouts)]
+                    for split, layouts in eval_sets.items()}                      # (observation, good moves)
+    row.update(flawed_mass(model, tokenizer, start_states["train"]),
+               **coupling_probe(model, tokenizer, toy_env.coupled_pairs("train", s.probe_pairs, s.data_seed)),
+               cls_acc=classification_accuracy(model, tokenizer, start_states["held_out"]))
+    row["probe_s"] = time.time() - t - row["eval_s"]
+    log(f"measure @ iter {it}: " + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if not k.endswith("_s")))
     return row
 
+def rollout_stats(moves: list[Move], rewards: torch.Tensor, move_adv: torch.Tensor) -> dict:
+    """What one iteration's rollouts look like, for the log (oracle labels: diagnostics only)."""
+    return {"success": rewards.mean().item(), "moves": len(moves), "valid_frac": np.mean([m.action is not None for m in moves]),
+            "off_format_frac": np.mean([m.action is None and toy_env.parse_action(m.text) is not None for m in moves]),
+            "good_frac": np.mean([m.good for m in moves]), "mixed_groups": (rewards.std(dim=1) > 0).float().mean().item(),
+            "adv_abs_mean": move_adv.abs().mean().item(), **flawed_step_stats(moves, move_adv)}
 
 def log_line(row: dict, s: Settings) -> str:
     """The fixed-format line printed for each iteration."""
-    return (f"it {row['iter']:3d}/{s.iters} | succ {row['success']:.2f} | valid {row['valid_frac']:.2f} | "
-            f"good {row['good_frac']:.2f} | mixed {row['mixed_groups']:.2f} | lr {row['lr']:.1e} | "
-            f"loss {row['loss']:+.4f} | clip {row['clip_frac']:.2f} | A flawed {row['adv_flawed_mean']:+.2f} "
-            f"good {row['adv_good_mean']:+.2f} (flawed A>0 {row['flawed_pos_adv_frac']:.2f}) | "
+    return (f"it {row['iter']:3d}/{s.iters} | succ {row['success']:.2f} | valid {row['valid_frac']:.2f} | good {row['good_frac']:.2f} | "
+            f"mixed {row['mixed_groups']:.2f} | lr {row['lr']:.1e} | loss {row['loss']:+.4f} | clip {row['clip_frac']:.2f} | A flawed "
+            f"{row['adv_flawed_mean']:+.2f} good {row['adv_good_mean']:+.2f} (flawed A>0 {row['flawed_pos_adv_frac']:.2f}) | "
             + (f"cls {row['cls_loss']:.3f} | " if s.cls_coef else "") + f"roll {row['rollout_s']:.2f}s upd {row['update_s']:.2f}s")
-
 
 def train(s: Settings, out_dir: str, log=print):
     """Warm-up, then `s.iters` GRPO iterations; writes metrics.jsonl. Returns (model, tokenizer, summary)."""
@@ -701,103 +570,70 @@ def train(s: Settings, out_dir: str, log=print):
     pool, eval_sets = task_sets(s)
     log(f"policy: {s.model or 'tiny GPT-2'}, {sum(p.numel() for p in model.parameters()):,} parameters, on {device}; "
         f"{len(pool)} train layouts, eval on {s.eval_tasks} per split")
-
     t = time.time()
     sft_losses = sft_warmup(model, tokenizer, pool, s, rng)
-    timing = {"sft_s": time.time() - t, "rollout_s": 0.0, "update_s": 0.0, "eval_s": 0.0, "probe_s": 0.0}
+    sft_s = time.time() - t
     if sft_losses:
-        log(f"warm-up: {s.sft_steps} steps, nll {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} ({timing['sft_s']:.1f}s)")
+        log(f"warm-up: {s.sft_steps} steps, nll {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} ({sft_s:.1f}s)")
     ref_model = copy.deepcopy(model) if s.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
-    measured = {0: measure(model, tokenizer, eval_sets, s)}
-    log("measure @ iter 0: " + " | ".join(f"{k} {v:.4f}" for k, v in measured[0].items() if not k.endswith("_s")))
-    decisions, no_signal_iters = 0, 0
-    with open(os.path.join(out_dir, "metrics.jsonl"), "w") as metrics_file:
+    measured = {0: measure(model, tokenizer, eval_sets, s, log, 0)}
+    rows = []
+    with open(os.path.join(out_dir, "metrics.jsonl"), "w", buffering=1) as metrics_file:  # line-buffered: on disk at once
         for it in range(1, s.iters + 1):
+            t0 = time.time()
             layouts = [pool[k] for k in rng.integers(len(pool), size=s.tasks_per_iter)]
-            t = time.time()
             moves, rewards, envs = rollout(model, tokenizer, layouts, s.group_size, s, generator=generator)  # (B, G)
-            roll_s = time.time() - t
+            t1 = time.time()
             advantages = grpo_advantages(rewards, s.scale_by_std).flatten()   # (B*G,) one per episode
             move_adv = advantages[[m.episode for m in moves]]                  # (N,) each move inherits it
-            lr = learning_rate(it, s.lr, s.lr_warmup_iters, s.iters)
             for group in optimizer.param_groups:
-                group["lr"] = lr
-            t = time.time()
+                group["lr"] = learning_rate(it, s.lr, s.lr_warmup_iters, s.iters)
             stats = grpo_update(model, tokenizer, moves, move_adv, optimizer, s, rng, ref_model)
-            upd_s = time.time() - t
-            mixed = (rewards.std(dim=1) > 0).float().mean().item()
-            no_signal_iters += mixed == 0
-            row = {"iter": it, "success": rewards.mean().item(), "valid_frac": float(np.mean([m.action is not None for m in moves])),
-                   "off_format_frac": float(np.mean([m.action is None and toy_env.parse_action(m.text) is not None for m in moves])),
-                   "good_frac": float(np.mean([m.good for m in moves])), "moves": len(moves), "mixed_groups": mixed,
-                   "adv_abs_mean": move_adv.abs().mean().item(), "lr": lr, **stats, **flawed_step_stats(moves, move_adv),
-                   "rollout_s": round(roll_s, 3), "update_s": round(upd_s, 3)}
+            row = {"iter": it, **rollout_stats(moves, rewards, move_adv), "lr": optimizer.param_groups[0]["lr"], **stats,
+                   "rollout_s": round(t1 - t0, 3), "update_s": round(time.time() - t1, 3)}
             if it % s.eval_every == 0 or it == s.iters:
-                measured[it] = measure(model, tokenizer, eval_sets, s)
+                measured[it] = measure(model, tokenizer, eval_sets, s, log, it)
                 row.update(measured[it])
-                log(f"measure @ iter {it}: " + " | ".join(f"{k} {v:.4f}" for k, v in measured[it].items() if not k.endswith("_s")))
+            rows.append(row)
             metrics_file.write(json.dumps({k: None if v != v else v for k, v in row.items()}) + "\n")  # NaN -> null
-            metrics_file.flush()
             log(log_line(row, s))
             if s.render_every and it % s.render_every == 0:
                 log(f"-- a sampled episode at iter {it} --\n" + render_episode(moves, envs[0], 0))
-            timing["rollout_s"] += roll_s
-            timing["update_s"] += upd_s
-            decisions += len(moves)
-    for k in ("eval_s", "probe_s"):
-        timing[k] = sum(m.get(k, 0.0) for m in measured.values())
-    first, last = measured[0], measured[max(measured)]
+    last = measured[max(measured)]
+    timing = {"sft_s": sft_s, **{k: sum(r.get(k, 0.0) for r in [measured[0], *rows]) for k in
+                                  ("rollout_s", "update_s", "eval_s", "probe_s")}}
     summary = {"eval_train_success": last["eval_train_success"], "eval_held_out_success": last["eval_held_out_success"],
-               "start": first, "end": last, "no_signal_iters_frac": no_signal_iters / s.iters,
-               "decisions_per_second": decisions / max(timing["rollout_s"], 1e-9),
+               "start": measured[0], "end": last, "no_signal_iters_frac": float(np.mean([r["mixed_groups"] == 0 for r in rows])) if rows else float("nan"),
+               "decisions_per_second": sum(r["moves"] for r in rows) / max(timing["rollout_s"], 1e-9),
                **{k: round(v, 2) for k, v in timing.items()}, "wall_seconds": round(time.time() - start, 2)}
     return model, tokenizer, summary
-
 
 def run(s: Settings, out_dir: str, log=print) -> dict:
     """One training run: settings.json first, then metrics.jsonl as it goes, then policy/ and summary.json."""
     from transformers.utils import logging as hf_logging
-
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "settings.json"), "w") as f:
         json.dump(dataclasses.asdict(s), f, indent=1)
     model, tokenizer, summary = train(s, out_dir, log)
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar
     model.save_pretrained(os.path.join(out_dir, "policy"))
     tokenizer.save_pretrained(os.path.join(out_dir, "policy"))
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump({**summary, "settings": dataclasses.asdict(s)}, f, indent=1)
-    log(f"done in {summary['wall_seconds']:.0f}s: greedy success train {summary['eval_train_success']:.2f}, "
-        f"held-out {summary['eval_held_out_success']:.2f}; {summary['decisions_per_second']:.0f} decisions/s in "
-        f"rollouts; outputs in {out_dir}/")
+    log(f"done in {summary['wall_seconds']:.0f}s: greedy success train {summary['eval_train_success']:.2f}, held-out "
+        f"{summary['eval_held_out_success']:.2f}; {summary['decisions_per_second']:.0f} decisions/s in rollouts; outputs in {out_dir}/")
     return summary
 
-
-# ------------------------------------------------------------------------------------------------
-# Experiment and command line: evaluate a saved policy, compare arms over seeds, plot, main()
-# ------------------------------------------------------------------------------------------------
-
-
-def eval_only(s: Settings) -> None:
-    model, tokenizer = load_policy(s, resolve_device(s.device))
-    for split, layouts in task_sets(s)[1].items():
-        result = evaluate(model, tokenizer, layouts, s)
-        print(f"{split}: greedy success {result['success']:.3f}, valid moves {result['valid_frac']:.3f} ({len(layouts)} layouts)")
-        print("\n".join(render_episode(result["moves"], result["envs"][k], k) for k in range(min(2, len(layouts)))))
-
-
+# ---- Experiment and command line: compare arms over seeds, plot, main() ----------------------------
 ARMS = {"grpo": "advantage", "grpo+cls-advantage": "advantage", "grpo+cls-oracle": "oracle"}
 COLUMNS = ("eval_train_success", "eval_held_out_success", "coupling_cos", "coupling_ratio", "hidden_cos", "p_flawed", "cls_acc")
-T_975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 95 %, by dof
-
 
 def paired_interval(diffs: list[float]) -> str:
-    """mean [95 % t-interval] of per-seed paired differences."""
-    d = np.asarray(diffs)
-    half = T_975.get(len(d) - 1, 1.96) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
+    """mean [95 % t-interval] of per-seed paired differences (Student t, n - 1 degrees of freedom)."""
+    d, t_975 = np.asarray(diffs), {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+    half = t_975.get(len(d) - 1, 1.96) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
     return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
-
 
 def compare(s: Settings, out_dir: str) -> str:
     """Train every arm on every seed with the same budget; write compare.md: each arm's mean over
@@ -809,56 +645,43 @@ def compare(s: Settings, out_dir: str) -> str:
             arm_s = dataclasses.replace(s, seed=seed, cls_coef=0.0 if arm == "grpo" else coef, cls_labels=labels,
                                         compare=False, render_every=0)
             summary = run(arm_s, os.path.join(out_dir, f"{arm}-seed{seed}"), log=lambda line: None)
-            end[arm, seed] = {**summary["end"]}
+            end[arm, seed] = summary["end"]
             print(f"{arm} seed {seed}: " + ", ".join(f"{k} {end[arm, seed][k]:.3f}" for k in COLUMNS), flush=True)
     lines = [f"| arm (--cls-coef {coef} for +cls) | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for arm in ARMS:
-        lines.append(f"| {arm} | " + " | ".join(f"{np.mean([end[arm, x][k] for x in s.seeds]):.3f}" for k in COLUMNS) + " |")
-    for arm in list(ARMS)[1:]:
-        lines.append(f"| {arm} - grpo | " + " | ".join(paired_interval([end[arm, x][k] - end["grpo", x][k] for x in s.seeds])
-                                                   for k in COLUMNS) + " |")
+    lines += [f"| {arm} | " + " | ".join(f"{np.mean([end[arm, x][k] for x in s.seeds]):.3f}" for k in COLUMNS) + " |" for arm in ARMS]
+    lines += [f"| {arm} - grpo | " + " | ".join(paired_interval([end[arm, x][k] - end["grpo", x][k] for x in s.seeds])
+                                               for k in COLUMNS) + " |" for arm in list(ARMS)[1:]]
     table = "\n".join(lines) + (f"\n\nSeeds {' '.join(map(str, s.seeds))}; means over seeds at the end of training; "
                                 "differences paired by seed, mean [95 % t-interval].\n")
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(table)
     return table
 
-
 def plot(out_dir: str) -> str:
     """compare.png: held-out greedy success, coupling_cos and cls_acc over training, mean over seeds per arm."""
     try:
-        import matplotlib
+        import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("--plot needs matplotlib, which is not a run-time dependency: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = ("eval_held_out_success", "coupling_cos", "cls_acc")
     fig, axes = plt.subplots(1, len(keys), figsize=(13, 3.8))
     runs = sorted(d for d in os.listdir(out_dir) if os.path.exists(os.path.join(out_dir, d, "metrics.jsonl")))
     for arm in sorted({d.rsplit("-seed", 1)[0] for d in runs}):
-        curves = []
-        for d in (d for d in runs if d.rsplit("-seed", 1)[0] == arm):
-            with open(os.path.join(out_dir, d, "metrics.jsonl")) as f:
-                curves.append([json.loads(line) for line in f if "coupling_cos" in line])
+        curves = [[json.loads(line) for line in open(os.path.join(out_dir, d, "metrics.jsonl")) if "coupling_cos" in line]
+                  for d in runs if d.rsplit("-seed", 1)[0] == arm]                # measured iterations only
         for ax, key in zip(axes, keys):
             ax.plot([r["iter"] for r in curves[0]], np.mean([[r[key] for r in c] for c in curves], axis=0),
                     marker="o", label=f"{arm} ({len(curves)} seeds)")
             ax.set_xlabel("GRPO iteration"), ax.set_title(key), ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "compare.png"), dpi=110)
+    axes[0].legend(fontsize=8), fig.tight_layout(), fig.savefig(os.path.join(out_dir, "compare.png"), dpi=110)
     return os.path.join(out_dir, "compare.png")
-
 
 def main(argv: list[str] | None = None) -> int:
     s = parse_settings(argv)
     print("settings: " + json.dumps(dataclasses.asdict(s)))
     out_dir = s.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + ("-compare" if s.compare else f"-seed{s.seed}"))
     try:
-        if s.eval_only:
-            eval_only(s)
-        elif s.plot:
+        if s.plot:
             print(f"wrote {plot(out_dir)}")
         elif s.compare:
             print(compare(s, out_dir))
@@ -872,7 +695,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grpo_agentic.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
