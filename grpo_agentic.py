@@ -1,6 +1,6 @@
 """Agentic GRPO on a text gridworld, in one file: a teaching reference for arXiv 2509.23870.
 
-    pip install -r requirements.txt && python grpo_agentic.py      # ~80 s on 2 CPU cores
+    pip install -r requirements.txt && python grpo_agentic.py      # about 2 minutes on 2 CPU cores
     python grpo_agentic.py --help                                  # every setting, with its meaning
     python grpo_agentic.py --model runs/<run>/policy --iters 0 --sft-steps 0   # evaluate a saved policy
 
@@ -37,8 +37,8 @@ from transformers import HfArgumentParser
 import toy_env
 
 # ---- Settings: the one source of truth. The command line and --help are derived from this dataclass. ----
-def arg(default, help: str, **kw):
-    return field(default=default, metadata={"help": help}, **kw)
+def arg(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 @dataclass
 class Settings:
@@ -412,7 +412,7 @@ def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, o
             for k in ("loss", "pg_loss", "clip_frac", "kl", "cls_loss")}
     return {**mean, "update_moves": len(signal), "ratio_dev_first": steps[0]["ratio_dev"] if steps else float("nan")}
 
-# ---- Diagnostics: the paper's claims, measured (oracle labels are used here, never in the update) ----
+# ---- Diagnostics: the paper's claims, measured with the oracle's labels (read here, never trained on) ----
 def flawed_step_stats(moves: list[Move], move_adv: torch.Tensor) -> dict:
     """Lemma 3.1 in the wild: the advantage outcome-based GRPO gives to good vs flawed moves."""
     flawed = torch.tensor([not m.good for m in moves])                  # (N,)

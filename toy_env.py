@@ -15,17 +15,16 @@ exactly where the *gradient coupling* of arXiv 2509.23870 lives (a step that rei
 state also reinforces it in its near-twin), so we add nothing (coordinates, hints) that would make
 states trivially distinguishable.
 
-The oracle (breadth-first shortest-path distances to the goal) labels each action as good (it
-strictly lowers the distance) or flawed (anything else: a step away, a bump into a wall, text that
-is not an action). It feeds diagnostics, the supervised warm-up and the oracle-label ablation --
-never the RL reward.
+The oracle (breadth-first distances to the goal) labels each action good (it strictly lowers the
+distance) or flawed (a step away, a bump into a wall, text that is not an action). It feeds the
+diagnostics, the supervised warm-up and the oracle-label ablation -- never the RL reward.
 
 API (gym-like):
     env = GridWorld.from_string(layout_text)     # ValueError with a clear message if malformed
     obs = env.reset()
     obs, reward, done, info = env.step("left")   # never raises on any action text
     sample_layouts("train" | "held_out", n, seed)  -> list of layout strings
-Every public function checks its arguments and raises ValueError with a clear message.
+Every public function checks its arguments: bad ones raise ValueError with a clear message.
 """
 from __future__ import annotations
 
@@ -40,28 +39,21 @@ PROMPT_END = "action:"
 # Every word an observation or an action can contain: the default word-level tokenizer is built from it.
 VOCABULARY = (WALL, FLOOR, AGENT, GOAL, "\n", PROMPT_END) + ACTIONS
 
-# The two splits. Same grid size (the tiny default model has learned absolute positions), but the
-# held-out layouts are much denser in walls, so detours are needed far more often: the analogue of
-# the paper's out-of-domain tasks. The wall-count ranges do not overlap, so no held-out layout can
-# ever be a train layout, for any seed.
+# Same grid size in both splits (the tiny model learns absolute positions), but held-out layouts are
+# denser in walls, so detours are needed more often: our out-of-domain tasks. The wall-count ranges
+# do not overlap, so no held-out layout can ever be a train layout, for any seed.
 SPLITS = {
     "train":    dict(rows=4, cols=4, min_walls=1, max_walls=3, split_id=0),
     "held_out": dict(rows=4, cols=4, min_walls=4, max_walls=5, split_id=1),
 }
-# A tight budget makes every flawed move costly: with slack 2, one step away (and back) or two bumps
-# still succeed, a third wasted step fails. A generous budget lets a sloppy policy succeed by luck.
-BUDGET_SLACK = 2
+BUDGET_SLACK = 2  # one step away (and back) or two bumps still succeed, a third wasted step fails
 MAX_LAYOUTS = 20_000    # per request; each split has tens of thousands of distinct layouts
 MIN_START_DISTANCE = 3  # shortest path from A to G in sampled layouts; shorter is too easy to teach anything
 
-
 def parse_action(text) -> str | None:
     """The action named by `text`, or None. Lenient about case and surrounding whitespace only."""
-    if not isinstance(text, str):
-        return None
-    word = text.strip().lower()
+    word = text.strip().lower() if isinstance(text, str) else None
     return word if word in MOVES else None
-
 
 def bfs_distances(walls: list[list[bool]], goal: tuple[int, int]) -> dict[tuple[int, int], int]:
     """Shortest-path distance (in moves) from every cell that can reach `goal`."""
@@ -77,12 +69,10 @@ def bfs_distances(walls: list[list[bool]], goal: tuple[int, int]) -> dict[tuple[
                 queue.append((nr, nc))
     return dist
 
-
 class GridWorld:
     """One layout: walls, a goal, the agent's start. Default step budget: shortest path + BUDGET_SLACK."""
 
-    def __init__(self, walls: list[list[bool]], start: tuple[int, int], goal: tuple[int, int],
-                 max_steps: int | None = None):
+    def __init__(self, walls: list[list[bool]], start: tuple[int, int], goal: tuple[int, int], max_steps: int | None = None):
         if not walls or not walls[0] or any(len(row) != len(walls[0]) for row in walls):
             raise ValueError("walls must be a non-empty rectangular list of rows")
         self.walls, self.goal = walls, goal
@@ -189,7 +179,6 @@ class GridWorld:
         """Cells the agent can stand on that can reach the goal, goal excluded (for the warm-up)."""
         return sorted(p for p in self.distance if p != self.goal)
 
-
 def _check_args(split, n, seed) -> None:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
@@ -197,7 +186,6 @@ def _check_args(split, n, seed) -> None:
         raise ValueError(f"n must be an integer from 0 to {MAX_LAYOUTS}, got {n!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-
 
 # ---- layouts -------------------------------------------------------------------------------------
 def random_layout(rng: np.random.Generator, rows: int, cols: int, num_walls: int) -> str | None:
@@ -211,7 +199,6 @@ def random_layout(rng: np.random.Generator, rows: int, cols: int, num_walls: int
     if distance.get(start, 0) < MIN_START_DISTANCE:  # 0: unreachable
         return None
     return GridWorld(walls, start, goal).to_string()
-
 
 def sample_layouts(split: str, n: int, seed: int) -> list[str]:
     """`n` distinct solvable layouts of `split` ("train" or "held_out"), deterministic in `seed`."""
@@ -230,7 +217,6 @@ def sample_layouts(split: str, n: int, seed: int) -> list[str]:
             layouts.append(layout)
     return layouts
 
-
 def split_of(layout: str) -> str:
     """Which split a layout belongs to, from its wall count (the splits' ranges are disjoint)."""
     walls = layout.count(WALL) if isinstance(layout, str) else -1
@@ -238,7 +224,6 @@ def split_of(layout: str) -> str:
         if spec["min_walls"] <= walls <= spec["max_walls"]:
             return name
     return "neither"
-
 
 def coupled_pairs(split: str, n: int, seed: int) -> list[tuple[str, str, str]]:
     """`n` (layout_good, layout_flawed, action) triples for the gradient-coupling probe.
