@@ -366,7 +366,7 @@ def learning_rate(it: int, peak: float, warmup: int, total: int) -> float:
     """Learning rate of RL iteration `it` (1-based): linear warm-up to `peak`, reached at iteration
     `warmup`, then linear decay that would reach 0 one iteration after the last:
 
-        lr(it) = peak * min(1, it / warmup, (total + 1 - it) / (total + 1 - warmup))
+        lr(it) = peak * min(1, it / warmup, (total + 1 - it) / max(1, total + 1 - warmup))
 
     Warm-up because Adam's first steps have size ~lr in every coordinate whatever the gradient's size
     (a noisy policy gradient would undo the warm-start); decay so that the final policy settles.
@@ -374,7 +374,7 @@ def learning_rate(it: int, peak: float, warmup: int, total: int) -> float:
     >>> [round(learning_rate(it, 1.0, warmup=2, total=6), 3) for it in range(1, 7)]
     [0.5, 1.0, 0.8, 0.6, 0.4, 0.2]
     """
-    return peak * min(1.0, it / warmup if warmup else 1.0, (total + 1 - it) / (total + 1 - warmup))
+    return peak * min(1.0, it / warmup if warmup else 1.0, (total + 1 - it) / max(1, total + 1 - warmup))
 
 def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, optimizer, s: Settings,
                 rng: np.random.Generator, ref_model=None) -> dict:

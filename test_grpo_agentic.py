@@ -440,6 +440,8 @@ def test_lr_schedule_warms_up_to_the_peak_then_decays_to_zero(dropout_run):
     # peak 1e-3, warm-up 2, 6 iterations: lr = peak * min(1, it / 2, (7 - it) / 5)
     _, rows, _ = dropout_run
     assert np.allclose([r["lr"] for r in rows], [5e-4, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
+    # a warm-up longer than the run only warms up: never a negative or zero rate
+    assert [ga.learning_rate(it, 1.0, warmup=10, total=4) for it in range(1, 5)] == [0.1, 0.2, 0.3, 0.4]
 
 
 def test_same_seed_same_metrics_on_cpu(tmp_path):
