@@ -37,6 +37,18 @@ from transformers import HfArgumentParser
 import toy_env
 
 # ---- Settings: the one source of truth. The command line and --help are derived from this dataclass. ----
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an unavailable or unknown device is a ValueError."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    kind, _, index = name.partition(":")
+    if name == "auto":
+        return torch.device(next(k for k, ok in available.items() if ok))
+    if kind not in available or not (index == "" or index.isdigit()):
+        raise ValueError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+    if not available[kind]:
+        raise ValueError(f"--device {name}: {kind.upper()} is not available on this machine")
+    return torch.device(name)
+
 def arg(default, help: str):
     return field(default=default, metadata={"help": help})
 
@@ -93,18 +105,6 @@ class Settings:
         need(len(self.seeds) > 0 and all(x >= 0 for x in self.seeds), "seeds", "one or more integers >= 0")
         need(not self.plot or bool(self.out_dir), "plot", "used with --out-dir (the directory of a --compare run)")
         resolve_device(self.device)
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; an unavailable or unknown device is a ValueError."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    kind, _, index = name.partition(":")
-    if name == "auto":
-        return torch.device(next(k for k, ok in available.items() if ok))
-    if kind not in available or not (index == "" or index.isdigit()):
-        raise ValueError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    if not available[kind]:
-        raise ValueError(f"--device {name}: {kind.upper()} is not available on this machine")
-    return torch.device(name)
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
     """The command line, built from Settings by transformers' HfArgumentParser; any error is one line, exit code 2."""
