@@ -609,6 +609,6 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
         optimizer.step()
     acc_after, cos_after = accuracy_and_pair_cosine()
     # 64 unseen moves: >= 40 right has probability ~2.5 % under chance. Learning a one-cell relation from
-    # 64 pairs is hard for a small model from scratch: it generalises only partly (measured: 0.69).
+    # 64 pairs is hard for a small model from scratch: it generalises only partly (measured: 0.67).
     assert acc_before == 0.5 and acc_after >= 0.625, (acc_before, acc_after)
     assert cos_before > 0.9 and cos_after < cos_before - 0.1, (cos_before, cos_after)   # measured: 0.99 -> 0.86
