@@ -55,7 +55,7 @@ def arg(default, help: str):
 @dataclass
 class Settings:
     seed: int = arg(0, "random seed (init, task sampling, rollouts, minibatch order)")
-    iters: int = arg(250, "GRPO iterations (each: rollouts of B x G episodes, then one update); 0 = evaluate only")
+    iters: int = arg(250, "GRPO iterations (each: rollouts of B x G episodes, then one update); 0 with --sft-steps 0 = evaluate --model")
     train_tasks: int = arg(64, "size of the fixed set of train-split layouts that RL (and the warm-up) sees")
     data_seed: int = arg(0, "seed of the train and held-out layout sets (fixed across training seeds)")
     tasks_per_iter: int = arg(16, "B: distinct train layouts per iteration")

@@ -381,7 +381,8 @@ def test_coupling_probe_identical_states_and_a_real_sgd_step(tiny):
             for p, g in zip(stepped.parameters(), grads):
                 p.add_(g, alpha=1e-3)
             change = ga.action_logprobs(stepped, tokenizer, obs, [pair[2]] * 2) - before
-        assert abs(change[1] / change[0] - predicted) < 0.1 * abs(predicted) + 0.02, (float(change[1] / change[0]), predicted)
+        # tight: the twins' gradients are so alike that a wrong normaliser (|g_flawed|^2) is only ~0.01-0.03 off
+        assert abs(change[1] / change[0] - predicted) < 0.005, (float(change[1] / change[0]), predicted)
 
 
 def test_probes_leave_model_storage_grads_and_optimizer_untouched(tiny):
