@@ -55,8 +55,8 @@ def arg(default, help: str):
 @dataclass
 class Settings:
     seed: int = arg(0, "random seed (init, task sampling, rollouts, minibatch order)")
-    iters: int = arg(250, "GRPO iterations (each: rollouts of B x G episodes, then one update); 0 with --sft-steps 0 = evaluate --model")
-    train_tasks: int = arg(64, "size of the fixed set of train-split layouts that RL (and the warm-up) sees")
+    iters: int = arg(150, "GRPO iterations (each: rollouts of B x G episodes, then one update); 0 with --sft-steps 0 = evaluate --model")
+    train_tasks: int = arg(256, "size of the fixed set of train-split layouts that RL (and the warm-up) sees")
     data_seed: int = arg(0, "seed of the train and held-out layout sets (fixed across training seeds)")
     tasks_per_iter: int = arg(16, "B: distinct train layouts per iteration")
     group_size: int = arg(8, "G: episodes per layout; the advantage baseline is this group's mean")
@@ -69,31 +69,34 @@ class Settings:
     minibatch_moves: int = arg(256, "target moves per gradient step; each epoch splits a fresh shuffle into near-equal parts")
     temperature: float = arg(1.0, "sampling temperature during rollouts (1.0 = sample the policy itself)")
     max_action_tokens: int = arg(4, "generation budget for one action, end-of-text token included")
-    sft_steps: int = arg(60, "supervised warm-up steps on oracle moves before RL (0 = none)")
+    sft_steps: int = arg(150, "supervised warm-up steps on oracle moves before RL (0 = none)")
     sft_lr: float = arg(1e-3, "AdamW learning rate of the warm-up")
     sft_batch: int = arg(128, "(state, oracle move) pairs per warm-up step")
-    eval_every: int = arg(25, "greedy evaluation and probes every this many iterations (and at the end)")
-    eval_tasks: int = arg(64, "layouts per split in the fixed greedy evaluation sets")
+    eval_every: int = arg(50, "greedy evaluation and probes every this many iterations (and at the end)")
+    eval_tasks: int = arg(256, "held-out layouts in the greedy evaluation (in-domain: the first this many train layouts)")
     render_every: int = arg(50, "print one sampled episode as text every this many iterations (0 = never)")
     cls_coef: float = arg(0.0, "weight of the actor's own good/bad classification loss (GCD); 0 = plain GRPO")
-    cls_labels: str = arg("advantage", "classification labels: 'advantage' (sign of the move's GRPO advantage) or 'oracle'")
+    cls_labels: str = arg("advantage", "'advantage': sign of each A != 0 move's advantage; 'oracle': every move at every visited state")
+    cls_samples: int = arg(128, "at most this many labelled (state, move) pairs per iteration, drawn at random")
     probe_pairs: int = arg(16, "coupled (good, flawed) state pairs in the gradient-coupling probe")
+    probe_states: int = arg(128, "start states per eval set (its first layouts) where p_flawed and cls_bacc are read")
     model: str = arg("", "path or hub name of a causal LM for AutoModelForCausalLM ('' = tiny GPT-2 from config)")
     tiny_layers: int = arg(3, "layers of the built-in tiny GPT-2")
     tiny_dim: int = arg(96, "width of the built-in tiny GPT-2 (a multiple of its 4 heads)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     out_dir: str = arg("", "where settings.json, metrics.jsonl, summary.json and policy/ go ('' = runs/<time>-seed<seed>)")
     overwrite: bool = arg(False, "allow writing into an --out-dir that already holds a run")
-    compare: bool = arg(False, "train GRPO, GRPO+cls (advantage labels), GRPO+cls (oracle labels) for each of --seeds")
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "seeds of --compare, e.g. --seeds 0 1 2 3 4"})
+    compare: bool = arg(False, "train GRPO, GRPO+cls (advantage labels), GRPO+cls (oracle labels) for each of --seeds (resumes)")
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "seeds of --compare"})
+    workers: int = arg(2, "--compare: runs at once, each in its own process with its share of the CPU threads")
     plot: bool = arg(False, "plot a --compare --out-dir over training (needs matplotlib)")
     def __post_init__(self):
         """Value checks. The first bad setting raises one ValueError that names its flag."""
         def need(ok: bool, name: str, rule: str):
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)!r}")
-        for name in ("epochs", "train_tasks", "tasks_per_iter", "minibatch_moves", "max_action_tokens",
-                     "sft_batch", "eval_every", "eval_tasks", "probe_pairs", "tiny_layers", "tiny_dim"):
+        for name in ("epochs", "train_tasks", "tasks_per_iter", "minibatch_moves", "max_action_tokens", "sft_batch",
+                     "eval_every", "eval_tasks", "probe_pairs", "probe_states", "workers", "cls_samples", "tiny_layers", "tiny_dim"):
             need(getattr(self, name) >= 1, name, ">= 1")
         for name in ("iters", "sft_steps", "lr_warmup_iters", "render_every", "kl_coef", "clip_eps", "cls_coef", "data_seed"):
             need(getattr(self, name) >= 0, name, ">= 0")
@@ -102,6 +105,7 @@ class Settings:
         need(self.group_size >= 2, "group_size", ">= 2 (a group of one has no baseline)")
         need(self.tiny_dim % 4 == 0, "tiny_dim", "a multiple of 4 (the number of heads)")
         need(self.cls_labels in ("advantage", "oracle"), "cls_labels", "'advantage' or 'oracle'")
+        need(self.train_tasks >= self.tasks_per_iter, "train_tasks", f">= --tasks-per-iter ({self.tasks_per_iter})")
         need(len(self.seeds) > 0 and all(x >= 0 for x in self.seeds), "seeds", "one or more integers >= 0")
         need(not self.plot or bool(self.out_dir), "plot", "used with --out-dir (the directory of a --compare run)")
         resolve_device(self.device)
@@ -221,6 +225,7 @@ class Move:
     text: str                   # decoded, for logs
     action: str | None          # the move these ids spell in the one action format; None = off-format
     good: bool                  # oracle label: diagnostics and the oracle-label ablation only, never the reward
+    good_moves: tuple = ()      # every move the oracle calls good at this state (same use)
 
 def encode_prompts(tokenizer, observations: list[str]) -> list[list[int]]:
     return tokenizer(observations, add_special_tokens=True)["input_ids"]
@@ -239,9 +244,9 @@ def rollout(model, tokenizer, layouts: list[str], group_size: int, s: Settings, 
         action_ids, logps, texts = generate_actions(model, tokenizer, prompt_ids, s.max_action_tokens,
                                                     s.temperature, greedy, generator)
         for i, p, a, lp, text in zip(live, prompt_ids, action_ids, logps, texts):
-            action = formats.get(tuple(a))
+            action, good_moves = formats.get(tuple(a)), tuple(envs[i].good_actions())
             observations[i], _, _, info = envs[i].step(action)
-            moves.append(Move(i, p, a, lp, text, action, info["good"]))
+            moves.append(Move(i, p, a, lp, text, action, info["good"], good_moves))
         live = [i for i in live if not envs[i].done]
     rewards = torch.tensor([float(env.pos == env.goal) for env in envs]).view(len(layouts), group_size)  # (B, G)
     return moves, rewards, envs
@@ -306,7 +311,6 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
         ratio_t = exp(logp_t - old_logp_t)
         L = -(1 / num_action_tokens) * sum_t mask_t * min(ratio_t * A, clip(ratio_t, 1-eps, 1+eps) * A)
             + kl_coef * (1 / num_action_tokens) * sum_t mask_t * (exp(d_t) - d_t - 1),  d_t = ref_logp_t - logp_t
-
     The KL term is the k3 estimator of KL(pi || pi_ref) (Schulman, 2020). Normaliser: every action
     token of the minibatch weighs the same, however the tokens split into moves and episodes.
     Returns (loss, info); info["ratio_dev"] = max_t |ratio_t - 1|, 0 when sampler and scorer agree.
@@ -326,31 +330,51 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tens
                   "kl": kl.item(), "ratio_dev": float(dev.max())}
 
 # ---- CORE: the actor classifies its own moves (the paper's "generative classification disentanglement") ----
-def classification_labels(moves: list[Move], advantages: torch.Tensor, source: str) -> torch.Tensor:
-    """Per-move label, (N,): 1 = good, 0 = bad, -1 = no label.
-    'advantage': the sign of the move's GRPO advantage -- no oracle needed; A = 0 carries no label.
-    'oracle':    the environment's oracle label (an upper-bound ablation only a toy allows)."""
-    if source == "oracle":
-        return torch.tensor([int(m.good) for m in moves])
-    return torch.where(advantages > 0, 1, torch.where(advantages < 0, 0, -1))
+def classification_set(moves: list[Move], advantages: torch.Tensor, source: str, tokenizer):
+    """What the actor learns to judge: (prompts, actions, labels (n,)), label 1 = good, 0 = flawed.
+    'advantage': each move with A != 0, labelled by the sign of A -- what a real agent has; noisy,
+                 since a flawed move in a lucky episode gets A > 0 (Lemma 3.1's other face).
+    'oracle':    all 4 moves (in the action format) at every distinct visited state, labelled by the
+                 oracle -- the upper bound only a toy allows."""
+    if source == "advantage":
+        keep = (advantages != 0).nonzero().flatten().tolist()
+        return [moves[i].prompt_ids for i in keep], [moves[i].action_ids for i in keep], (advantages[keep] > 0).long()
+    states = {tuple(m.prompt_ids): m.good_moves for m in moves}                 # distinct visited states
+    pairs = [(state, a) for state in states for a in toy_env.ACTIONS]
+    return ([list(p) for p, _ in pairs], [action_ids_for(tokenizer, a) for _, a in pairs],
+            torch.tensor([int(a in states[p]) for p, a in pairs], dtype=torch.long))
 
 def verdict_logits(model, tokenizer, prompts: list[list[int]], actions: list[list[int]]) -> torch.Tensor:
     """(N, 2) scores [log p(" good" | s, a, query), log p(" bad" | s, a, query)] from the actor's own LM head.
-    Each verdict may span several tokens: its score is the sum of their log-probs. No new parameters."""
+    No new parameters. A verdict of several tokens scores the sum of their log-probs; when each is
+    one token, both are read at the same position: one forward instead of two."""
     query = tokenizer(VERDICT_QUERY, add_special_tokens=False)["input_ids"]
     asked = [p + a + query for p, a in zip(prompts, actions)]                 # state, move, query
-    scores = [sequence_logprobs(model, asked, [tokenizer(" " + w, add_special_tokens=False)["input_ids"]] * len(asked),
-                                tokenizer.pad_token_id) for w in VERDICTS]    # 2 x (N,)
+    verdicts = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in VERDICTS]
+    if all(len(v) == 1 for v in verdicts):
+        ids, attention, _ = build_batch(asked, [[]] * len(asked), tokenizer.pad_token_id, next(model.parameters()).device)
+        logits = model(input_ids=ids, attention_mask=attention).logits.float()   # (N, T, V)
+        last = logits[torch.arange(len(asked)), attention.sum(1) - 1]             # (N, V) after the query
+        return torch.log_softmax(last, dim=-1)[:, [v[0] for v in verdicts]]       # (N, 2)
+    scores = [sequence_logprobs(model, asked, [v] * len(asked), tokenizer.pad_token_id) for v in verdicts]  # 2 x (N,)
     return torch.stack(scores, dim=1)                                         # (N, 2)
 
-def classification_loss(model, tokenizer, moves: list[Move], labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the 2-way verdict, mean over labelled moves: -log softmax(logits)[label]."""
-    keep = (labels >= 0).nonzero().flatten().tolist()
-    if not keep:
-        return torch.zeros((), device=next(model.parameters()).device)
-    logits = verdict_logits(model, tokenizer, [moves[i].prompt_ids for i in keep],
-                            [moves[i].action_ids for i in keep])                  # (n, 2)
-    return F.cross_entropy(logits, 1 - labels[keep].to(logits.device))          # index 0 = "good"
+def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the 2-way verdict, (N, 2) logits and (N,) labels (1 = good) -> (), each class
+    weighing the same whatever its count -- unweighted, a 72 % majority makes "always good" a minimum:
+
+        L = mean over classes c present of ( mean_{i: y_i = c} -log softmax(logits_i)[index of y_i] )
+    Verdict index 0 is "good", 1 is "bad". Two good moves at log 2 each and one flawed at log(1 + e^2):
+    >>> round(balanced_cross_entropy(torch.tensor([[0., 0.], [0., 0.], [2., 0.]]), torch.tensor([1, 1, 0])).item(), 4)
+    1.41
+    """
+    target = 1 - labels.to(logits.device)                                     # (N,) verdict index
+    count = torch.bincount(target, minlength=2).float()                       # (2,)
+    return F.cross_entropy(logits, target, weight=torch.where(count > 0, 1 / count.clamp(min=1), 0.0))
+
+def classification_loss(model, tokenizer, prompts: list[list[int]], actions: list[list[int]], labels: torch.Tensor):
+    """Balanced cross-entropy of the actor's verdict on (state, move) pairs, labels (n,) with 1 = good."""
+    return balanced_cross_entropy(verdict_logits(model, tokenizer, prompts, actions), labels)
 
 # ---- CORE: the update -- clipped surrogate (+ classification, + KL) over shuffled minibatches ------
 def minibatches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -367,7 +391,6 @@ def learning_rate(it: int, peak: float, warmup: int, total: int) -> float:
     `warmup`, then linear decay that would reach 0 one iteration after the last:
 
         lr(it) = peak * min(1, it / warmup, (total + 1 - it) / max(1, total + 1 - warmup))
-
     Warm-up because Adam's first steps have size ~lr in every coordinate whatever the gradient's size
     (a noisy policy gradient would undo the warm-start); decay so that the final policy settles.
 
@@ -378,39 +401,47 @@ def learning_rate(it: int, peak: float, warmup: int, total: int) -> float:
 
 def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, optimizer, s: Settings,
                 rng: np.random.Generator, ref_model=None) -> dict:
-    """`s.epochs` shuffled passes of clipped-surrogate steps over the moves that carry signal (A != 0).
-    Moves of all-equal groups have A = 0: no policy gradient, so they are left out -- whatever
-    --kl-coef is, so that switching KL on adds a KL term and changes nothing else. The old log-probs
-    are the ones recorded while sampling (same model, dropout off): on the first minibatch the
-    ratio is 1 up to float error, logged as `ratio_dev_first`."""
+    """`s.epochs` shuffled passes of clipped-surrogate steps over the moves that carry signal (A != 0);
+    all-equal groups (A = 0) are left out whatever --kl-coef is, so KL adds a term and changes nothing
+    else. Old log-probs: those recorded while sampling (same model, dropout off), so the first ratio is 1
+    up to float error (`ratio_dev_first`). With --cls-coef > 0 each step also takes its share of the
+    classification set, which trains even in an iteration where RL has no signal."""
     device = next(model.parameters()).device
     signal = (advantages != 0).nonzero().flatten().tolist()
-    labels = classification_labels(moves, advantages, s.cls_labels)                       # (N,)
+    cls_prompts, cls_actions, cls_labels = (classification_set(moves, advantages, s.cls_labels, tokenizer) if s.cls_coef > 0
+                                            else ([], [], torch.zeros(0, dtype=torch.long)))
+    cls_pick = rng.permutation(len(cls_prompts))[: s.cls_samples]                  # at most cls_samples, at random
     steps = []
-    for _ in range(s.epochs if signal else 0):
-        for part in minibatches(len(signal), s.minibatch_moves, rng):
-            idx = [signal[k] for k in part]
-            batch = [moves[i] for i in idx]
-            ids, attention, action_mask = build_batch([m.prompt_ids for m in batch], [m.action_ids for m in batch],
-                                                       tokenizer.pad_token_id, device)  # (n, T) each
-            old = torch.zeros_like(action_mask)                                           # (n, T)
-            old[action_mask == 1] = torch.tensor([lp for m in batch for lp in m.sample_logps], device=device)
-            logp = token_logprobs(model, ids, attention, s.temperature)                   # (n, T)
-            with torch.no_grad():
-                ref = token_logprobs(ref_model, ids, attention, s.temperature) if ref_model is not None else None
-            pg_loss, info = grpo_loss(logp, old, advantages[idx].to(device), action_mask, s.clip_eps, ref, s.kl_coef)
-            cls_loss = classification_loss(model, tokenizer, batch, labels[idx]) if s.cls_coef > 0 else None
-            loss = pg_loss + s.cls_coef * cls_loss if cls_loss is not None else pg_loss
+    for _ in range(s.epochs if signal or len(cls_pick) else 0):
+        parts = minibatches(len(signal), s.minibatch_moves, rng)                  # RL moves; [empty] without signal
+        for part, cls_part in zip(parts, np.array_split(rng.permutation(cls_pick), len(parts))):
+            loss, pg_loss, info = torch.zeros((), device=device), math.nan, {"clip_frac": math.nan, "kl": math.nan}
+            if len(part):
+                idx = [signal[k] for k in part]
+                batch = [moves[i] for i in idx]
+                ids, attention, action_mask = build_batch([m.prompt_ids for m in batch], [m.action_ids for m in batch],
+                                                           tokenizer.pad_token_id, device)  # (n, T) each
+                old = torch.zeros_like(action_mask)                                       # (n, T)
+                old[action_mask == 1] = torch.tensor([lp for m in batch for lp in m.sample_logps], device=device)
+                logp = token_logprobs(model, ids, attention, s.temperature)               # (n, T)
+                with torch.no_grad():
+                    ref = token_logprobs(ref_model, ids, attention, s.temperature) if ref_model is not None else None
+                loss, info = grpo_loss(logp, old, advantages[idx].to(device), action_mask, s.clip_eps, ref, s.kl_coef)
+                pg_loss = loss.item()
+            cls_loss = classification_loss(model, tokenizer, [cls_prompts[k] for k in cls_part],
+                                           [cls_actions[k] for k in cls_part], cls_labels[cls_part]) if len(cls_part) else None
+            loss = loss + s.cls_coef * cls_loss if cls_loss is not None else loss
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"the GRPO loss is {loss.item()}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            steps.append({"loss": loss.item(), "pg_loss": pg_loss.item(), **info, "cls_loss": cls_loss.item() if cls_loss is not None else math.nan})
-    mean = {k: float(np.mean([x[k] for x in steps])) if steps else float("nan")
+            steps.append({"loss": loss.item(), "pg_loss": pg_loss, **info, "cls_loss": cls_loss.item() if cls_loss is not None else math.nan})
+    mean = {k: float(np.nanmean([x[k] for x in steps])) if any(x[k] == x[k] for x in steps) else math.nan
             for k in ("loss", "pg_loss", "clip_frac", "kl", "cls_loss")}
-    return {**mean, "update_moves": len(signal), "ratio_dev_first": steps[0]["ratio_dev"] if steps else float("nan")}
+    first = next((x["ratio_dev"] for x in steps if "ratio_dev" in x), math.nan)
+    return {**mean, "update_moves": len(signal), "cls_pairs": len(cls_pick), "ratio_dev_first": first}
 
 # ---- Diagnostics: the paper's claims, measured with the oracle's labels (read here, never trained on) ----
 def flawed_step_stats(moves: list[Move], move_adv: torch.Tensor) -> dict:
@@ -453,46 +484,61 @@ def flawed_mass(model, tokenizer, probe: list[tuple[str, list[str]]]) -> dict:
     return {"p_flawed": float((1 - (p * good).sum(1)).mean()),
             "p_flawed_max": float(p.masked_fill(good, 0).max(1).values.mean())}
 
+def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over the classes present of the recall, (TPR + TNR) / 2: "always good" scores 0.5, whatever
+    the share of good moves (plain accuracy would score that share).
+
+    >>> balanced_accuracy(torch.tensor([1, 1, 1, 0]), torch.tensor([1, 1, 0, 0]))
+    0.75
+    """
+    return float(np.mean([(predicted[labels == c] == c).float().mean().item() for c in labels.unique()]))
+
 @torch.no_grad()
-def classification_accuracy(model, tokenizer, probe: list[tuple[str, list[str]]]) -> float:
-    """cls_acc: share of (state, move) on probe states whose verdict matches the oracle, all 4 moves."""
+def classification_bacc(model, tokenizer, probe: list[tuple[str, list[str]]]) -> float:
+    """Balanced accuracy of the actor's verdict against the oracle on all 4 moves at probe states."""
     prompts = [p for p in encode_prompts(tokenizer, [o for o, _ in probe]) for _ in toy_env.ACTIONS]
     actions = [action_ids_for(tokenizer, a) for _ in probe for a in toy_env.ACTIONS]
-    is_good = torch.tensor([a in good for _, good in probe for a in toy_env.ACTIONS])
-    predicted_good = verdict_logits(model, tokenizer, prompts, actions).argmax(dim=1).cpu() == 0
-    return float((predicted_good == is_good).float().mean())
+    is_good = torch.tensor([int(a in good) for _, good in probe for a in toy_env.ACTIONS])
+    return balanced_accuracy((verdict_logits(model, tokenizer, prompts, actions).argmax(dim=1) == 0).long().cpu(), is_good)
 
 def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
-    """Gradient coupling between near-identical states, mean over (s_good, s_flawed, a) pairs, where
+    """Gradient coupling between near-identical states over (s_good, s_flawed, a) pairs (means), where
     g_x = grad_theta log pi(a | s_x) (the whole action's log-prob, all parameters):
 
     coupling_cos   = cos(g_good, g_flawed)
     coupling_ratio = <g_good, g_flawed> / <g_good, g_good>. A small step theta += eta * g_good raises
                      log pi(a|s_good) by eta*|g_good|^2 and log pi(a|s_flawed) by eta*<g_good, g_flawed>
                      (first order): the ratio is the share of the intended gain that leaks to the flawed
-                     twin (1 = all of it), free of step size and of the gradients' overall scale.
-    hidden_cos     = cos(h_good, h_flawed), last-layer hidden states where the move is predicted
-
+                     twin (1 = all of it), free of step size and gradient scale. The median over pairs:
+                     where the good move is near-certain, |g_good| ~ 0 and one pair's ratio explodes.
+    hidden_cos     = cos(h_good, h_flawed), last-layer hidden states where the move is predicted;
+                     _move: at the move's last token (the verdict query follows it); _centred: after
+                     subtracting the probe's mean state, a common component shared by every grid
     Uses torch.autograd.grad (never .grad) and never changes a weight, so the model, its gradients
     and the optimiser state are exactly as before."""
     was_training = model.training
     model.eval()  # no dropout noise in the probe
     params = [p for p in model.parameters() if p.requires_grad]
-    out = {"coupling_cos": [], "coupling_ratio": [], "hidden_cos": []}
+    out, states, moves = {"coupling_cos": [], "coupling_ratio": []}, [], []
     for good_layout, flawed_layout, action in pairs:
         obs = [toy_env.GridWorld.from_string(x).observation() for x in (good_layout, flawed_layout)]
         logps = action_logprobs(model, tokenizer, obs, [action, action])                    # (2,)
         g_good, g_flawed = (torch.cat([g.flatten() for g in torch.autograd.grad(logps[k], params, retain_graph=k == 0)])
                             for k in (0, 1))                                                # (num_params,) each
-        with torch.no_grad():
-            ids, mask, positions = left_pad(encode_prompts(tokenizer, obs), tokenizer.pad_token_id, logps.device)
-            hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           output_hidden_states=True).hidden_states[-1][:, -1]               # (2, d)
         out["coupling_cos"].append(F.cosine_similarity(g_good, g_flawed, dim=0).item())
         out["coupling_ratio"].append((g_good @ g_flawed).item() / (g_good @ g_good).item())
-        out["hidden_cos"].append(F.cosine_similarity(hidden[0], hidden[1], dim=0).item())
+        with torch.no_grad():
+            prompts = encode_prompts(tokenizer, obs)
+            ids, attention, _ = build_batch(prompts, [action_ids_for(tokenizer, action)] * 2, tokenizer.pad_token_id,
+                                            logps.device)                                    # (2, T) each
+            hidden = model(input_ids=ids, attention_mask=attention, output_hidden_states=True).hidden_states[-1]  # (2, T, d)
+        states.append(hidden[[0, 1], [len(p) - 1 for p in prompts]])                        # (2, d) where a is predicted
+        moves.append(hidden[[0, 1], attention.sum(1) - 1])                                  # (2, d) a's last token
     model.train(was_training)
-    return {k: float(np.mean(v)) for k, v in out.items()}
+    states, moves = torch.stack(states), torch.stack(moves)                                 # (pairs, 2, d) each
+    return {"coupling_cos": float(np.mean(out["coupling_cos"])), "coupling_ratio": float(np.median(out["coupling_ratio"])),
+            **{key: F.cosine_similarity(h[:, 0], h[:, 1], dim=1).mean().item()
+               for key, h in (("hidden_cos", states), ("hidden_cos_move", moves), ("hidden_cos_centred", states - states.mean(dim=(0, 1))))}}
 
 # ---- Training loop: warm-up, then GRPO iterations (rollout -> advantages -> update -> log) ---------
 def sft_warmup(model, tokenizer, layouts: list[str], s: Settings, rng: np.random.Generator) -> list[float]:
@@ -534,11 +580,12 @@ def measure(model, tokenizer, eval_sets: dict, s: Settings, log, it: int) -> dic
     t = time.time()
     row = {f"eval_{split}_success": evaluate(model, tokenizer, layouts, s) for split, layouts in eval_sets.items()}
     row["eval_s"] = time.time() - t
-    start_states = {split: [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, layouts)]
+    start_states = {split: [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, layouts[: s.probe_states])]
                     for split, layouts in eval_sets.items()}                      # (observation, good moves)
     row.update(flawed_mass(model, tokenizer, start_states["train"]),
                **coupling_probe(model, tokenizer, toy_env.coupled_pairs("train", s.probe_pairs, s.data_seed)),
-               cls_acc=classification_accuracy(model, tokenizer, start_states["held_out"]))
+               cls_bacc_train=classification_bacc(model, tokenizer, start_states["train"]),
+               cls_bacc_held_out=classification_bacc(model, tokenizer, start_states["held_out"]))
     row["probe_s"] = time.time() - t - row["eval_s"]
     log(f"measure @ iter {it}: " + " | ".join(f"{k} {v:.4f}" for k, v in row.items() if not k.endswith("_s")))
     return row
@@ -548,7 +595,8 @@ def rollout_stats(moves: list[Move], rewards: torch.Tensor, move_adv: torch.Tens
     return {"success": rewards.mean().item(), "moves": len(moves), "valid_frac": np.mean([m.action is not None for m in moves]),
             "off_format_frac": np.mean([m.action is None and toy_env.parse_action(m.text) is not None for m in moves]),
             "good_frac": np.mean([m.good for m in moves]), "mixed_groups": (rewards.std(dim=1) > 0).float().mean().item(),
-            "adv_abs_mean": move_adv.abs().mean().item(), **flawed_step_stats(moves, move_adv)}
+            "adv_abs_mean": move_adv.abs().mean().item(), **flawed_step_stats(moves, move_adv),
+            "cls_label_noise": np.mean([(a > 0) != m.good for m, a in zip(moves, move_adv.tolist()) if a != 0] or [math.nan])}
 
 def log_line(row: dict, s: Settings) -> str:
     """The fixed-format line printed for each iteration."""
@@ -577,13 +625,12 @@ def train(s: Settings, out_dir: str, log=print):
         log(f"warm-up: {s.sft_steps} steps, nll {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} ({sft_s:.1f}s)")
     ref_model = copy.deepcopy(model) if s.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
-    measured = {0: measure(model, tokenizer, eval_sets, s, log, 0)}
-    rows = []
+    measured, rows = {0: measure(model, tokenizer, eval_sets, s, log, 0)}, []
     with open(os.path.join(out_dir, "metrics.jsonl"), "w", buffering=1) as metrics_file:  # line-buffered: on disk at once
         for it in range(1, s.iters + 1):
             t0 = time.time()
-            layouts = [pool[k] for k in rng.integers(len(pool), size=s.tasks_per_iter)]
-            moves, rewards, envs = rollout(model, tokenizer, layouts, s.group_size, s, generator=generator)  # (B, G)
+            picked = rng.choice(len(pool), size=s.tasks_per_iter, replace=False)                      # (B,)
+            moves, rewards, envs = rollout(model, tokenizer, [pool[k] for k in picked], s.group_size, s, generator=generator)
             t1 = time.time()
             advantages = grpo_advantages(rewards, s.scale_by_std).flatten()   # (B*G,) one per episode
             move_adv = advantages[[m.episode for m in moves]]                  # (N,) each move inherits it
@@ -606,7 +653,8 @@ def train(s: Settings, out_dir: str, log=print):
     summary = {"eval_train_success": last["eval_train_success"], "eval_held_out_success": last["eval_held_out_success"],
                "start": measured[0], "end": last, "no_signal_iters_frac": float(np.mean([r["mixed_groups"] == 0 for r in rows])) if rows else float("nan"),
                "decisions_per_second": sum(r["moves"] for r in rows) / max(timing["rollout_s"], 1e-9),
-               **{k: round(v, 2) for k, v in timing.items()}, "wall_seconds": round(time.time() - start, 2)}
+               **{k: round(v, 2) for k, v in timing.items()}, "wall_seconds": round(time.time() - start, 2),
+               "torch_threads": torch.get_num_threads()}
     return model, tokenizer, summary
 
 def run(s: Settings, out_dir: str, log=print) -> dict:
@@ -622,12 +670,14 @@ def run(s: Settings, out_dir: str, log=print) -> dict:
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump({**summary, "settings": dataclasses.asdict(s)}, f, indent=1)
     log(f"done in {summary['wall_seconds']:.0f}s: greedy success train {summary['eval_train_success']:.2f}, held-out "
-        f"{summary['eval_held_out_success']:.2f}; {summary['decisions_per_second']:.0f} decisions/s in rollouts; outputs in {out_dir}/")
+        f"{summary['eval_held_out_success']:.2f}; {summary['no_signal_iters_frac']:.0%} of iterations had no mixed group; "
+        f"{summary['decisions_per_second']:.0f} decisions/s in rollouts; outputs in {out_dir}/")
     return summary
 
 # ---- Experiment and command line: compare arms over seeds, plot, main() ----------------------------
 ARMS = {"grpo": "advantage", "grpo+cls-advantage": "advantage", "grpo+cls-oracle": "oracle"}
-COLUMNS = ("eval_train_success", "eval_held_out_success", "coupling_cos", "coupling_ratio", "hidden_cos", "p_flawed", "cls_acc")
+COLUMNS = ("cls_bacc_train", "cls_bacc_held_out", "hidden_cos", "hidden_cos_move", "hidden_cos_centred", "coupling_cos",
+           "coupling_ratio", "p_flawed", "eval_train_success", "eval_held_out_success")   # the chain, link by link
 
 def paired_interval(diffs: list[float]) -> str:
     """mean [95 % t-interval] of per-seed paired differences (Student t, n - 1 degrees of freedom)."""
@@ -635,16 +685,25 @@ def paired_interval(diffs: list[float]) -> str:
     half = t_975.get(len(d) - 1, 1.96) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
     return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
 
+def compare_run(job: tuple[Settings, str]) -> dict:
+    """One (arm, seed) run of --compare, in a worker process with its share of the CPU threads; a
+    finished run (summary.json written) is read back, not repeated."""
+    s, run_dir = job
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // s.workers))
+    done = os.path.join(run_dir, "summary.json")
+    return json.load(open(done)) if os.path.exists(done) else run(s, run_dir, log=lambda line: None)
+
 def compare(s: Settings, out_dir: str) -> str:
-    """Train every arm on every seed with the same budget; write compare.md: each arm's mean over
-    seeds, and each GCD arm's paired difference to GRPO on the same seeds."""
+    """Train every arm on every seed with the same budget, `s.workers` runs at a time; write compare.md:
+    each arm's mean over seeds, and each GCD arm's paired difference to GRPO on the same seeds."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
     coef = s.cls_coef or 0.5
-    end = {}
-    for arm, labels in ARMS.items():
-        for seed in s.seeds:
-            arm_s = dataclasses.replace(s, seed=seed, cls_coef=0.0 if arm == "grpo" else coef, cls_labels=labels,
-                                        compare=False, render_every=0)
-            summary = run(arm_s, os.path.join(out_dir, f"{arm}-seed{seed}"), log=lambda line: None)
+    keys, end = [(arm, seed) for arm in ARMS for seed in s.seeds], {}
+    jobs = [(dataclasses.replace(s, seed=seed, cls_coef=0.0 if arm == "grpo" else coef, cls_labels=ARMS[arm],
+                                 compare=False, render_every=0), os.path.join(out_dir, f"{arm}-seed{seed}")) for arm, seed in keys]
+    with ProcessPoolExecutor(s.workers, mp_context=get_context("spawn")) as pool:   # spawn: no forked torch threads
+        for (arm, seed), summary in zip(keys, pool.map(compare_run, jobs)):
             end[arm, seed] = summary["end"]
             print(f"{arm} seed {seed}: " + ", ".join(f"{k} {end[arm, seed][k]:.3f}" for k in COLUMNS), flush=True)
     lines = [f"| arm (--cls-coef {coef} for +cls) | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
@@ -658,16 +717,17 @@ def compare(s: Settings, out_dir: str) -> str:
     return table
 
 def plot(out_dir: str) -> str:
-    """compare.png: held-out greedy success, coupling_cos and cls_acc over training, mean over seeds per arm."""
+    """compare.png: the chain over training (iteration 0: after the warm-up), mean over seeds per arm."""
     try:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ImportError("--plot needs matplotlib, which is not a run-time dependency: pip install matplotlib") from None
-    keys = ("eval_held_out_success", "coupling_cos", "cls_acc")
-    fig, axes = plt.subplots(1, len(keys), figsize=(13, 3.8))
-    runs = sorted(d for d in os.listdir(out_dir) if os.path.exists(os.path.join(out_dir, d, "metrics.jsonl")))
+    keys = ("cls_bacc_held_out", "hidden_cos_centred", "coupling_cos", "eval_held_out_success")
+    fig, axes = plt.subplots(1, len(keys), figsize=(17, 3.8))
+    runs = sorted(d for d in os.listdir(out_dir) if os.path.exists(os.path.join(out_dir, d, "summary.json")))  # finished
     for arm in sorted({d.rsplit("-seed", 1)[0] for d in runs}):
-        curves = [[json.loads(line) for line in open(os.path.join(out_dir, d, "metrics.jsonl")) if "coupling_cos" in line]
+        curves = [[{"iter": 0, **json.load(open(os.path.join(out_dir, d, "summary.json")))["start"]}]
+                  + [json.loads(line) for line in open(os.path.join(out_dir, d, "metrics.jsonl")) if "coupling_cos" in line]
                   for d in runs if d.rsplit("-seed", 1)[0] == arm]                # measured iterations only
         for ax, key in zip(axes, keys):
             ax.plot([r["iter"] for r in curves[0]], np.mean([[r[key] for r in c] for c in curves], axis=0),

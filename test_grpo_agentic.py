@@ -369,7 +369,7 @@ def test_coupling_probe_identical_states_and_a_real_sgd_step(tiny):
     layout = toy_env.coupled_pairs("train", 1, seed=0)[0][0]
     action = toy_env.GridWorld.from_string(layout).good_actions()[0]
     same = ga.coupling_probe(model, tokenizer, [(layout, layout, action)])
-    for key in ("coupling_cos", "hidden_cos", "coupling_ratio"):
+    for key in ("coupling_cos", "hidden_cos", "hidden_cos_move", "coupling_ratio"):
         assert abs(same[key] - 1) < 1e-5, key
     for pair in toy_env.coupled_pairs("train", 4, seed=0):
         predicted = ga.coupling_probe(model, tokenizer, [pair])["coupling_ratio"]
@@ -399,7 +399,7 @@ def test_probes_leave_model_storage_grads_and_optimizer_untouched(tiny):
     adam = copy.deepcopy(optimizer.state_dict())
     ga.coupling_probe(model, tokenizer, toy_env.coupled_pairs("train", 3, seed=0))
     ga.flawed_mass(model, tokenizer, [(toy_env.GridWorld.from_string(LAYOUT).observation(), ["right", "down"])])
-    ga.classification_accuracy(model, tokenizer, [(toy_env.GridWorld.from_string(LAYOUT).observation(), ["right", "down"])])
+    ga.classification_bacc(model, tokenizer, [(toy_env.GridWorld.from_string(LAYOUT).observation(), ["right", "down"])])
     assert [p.data_ptr() for p in model.parameters()] == pointers
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
@@ -418,11 +418,11 @@ def dropout_run(tmp_path_factory):
     tokenizer = ga.build_word_tokenizer()
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=1, n_head=2, initializer_range=0.1,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     assert config.resid_pdrop == config.attn_pdrop == 0.1
     GPT2LMHeadModel(config).save_pretrained(path / "m")
     tokenizer.save_pretrained(path / "m")
-    s = ga.Settings(**{**TINY, "sft_steps": 30, "sft_batch": 64, "group_size": 8}, model=str(path / "m"), iters=6,
+    s = ga.Settings(**{**TINY, "sft_steps": 30, "sft_batch": 64, "group_size": 8, "tasks_per_iter": 8}, model=str(path / "m"), iters=6,
                     lr=1e-3, lr_warmup_iters=2, eval_every=6)
     model, _, summary = ga.train(s, str(path), log=lambda *_: None)
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
@@ -475,7 +475,7 @@ def test_byte_level_bpe_model_trains_end_to_end(tmp_path):
     assert max(r["valid_frac"] for r in rows) > 0.25       # the multi-token action format is written and recognised
     moves, labels = cls_moves(tokenizer, toy_env.coupled_pairs("train", 2, seed=0))
     assert ga.verdict_logits(model, tokenizer, [m.prompt_ids for m in moves], [m.action_ids for m in moves]).shape == (4, 2)
-    assert torch.isfinite(ga.classification_loss(model, tokenizer, moves, labels))
+    assert torch.isfinite(ga.classification_loss(model, tokenizer, [m.prompt_ids for m in moves], [m.action_ids for m in moves], labels))
 
 
 def test_short_seeded_run_improves_over_the_untrained_policy(tmp_path):
@@ -497,9 +497,10 @@ def test_cli_smoke_run_writes_outputs_without_warnings_and_the_policy_loads(tmp_
     assert "Warning" not in result.stderr and "deprecated" not in result.stderr, result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [1, 2, 3, 4]
-    assert {"p_flawed", "coupling_cos", "coupling_ratio", "hidden_cos", "cls_acc", "eval_held_out_success"} <= rows[1].keys()
+    assert set(ga.COLUMNS) <= rows[1].keys() and "cls_label_noise" in rows[0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["iters"] == 4 and summary["end"]["eval_train_success"] == rows[3]["eval_train_success"]
+    assert summary["no_signal_iters_frac"] == np.mean([r["mixed_groups"] == 0 for r in rows])   # the dead-iteration share
     capsys.readouterr()
     assert ga.main(["--model", str(out / "policy"), "--iters", "0", "--sft-steps", "0", "--eval-tasks", "8",
                     "--probe-pairs", "2", "--out-dir", str(tmp_path / "eval")]) == 0      # evaluate the saved policy
@@ -541,6 +542,24 @@ def test_non_finite_loss_stops_cleanly_and_keeps_outputs(tmp_path, capsys):
         json.loads(line)  # every line written before the stop is valid JSON
 
 
+def test_compare_writes_paired_table_in_worker_processes_and_resumes(tmp_path, capsys):
+    """Bug caught: a resumed --compare that retrains finished runs (or reads another arm's summary)."""
+    args = [*TINY_ARGS, "--iters", "2", "--eval-every", "2", "--compare", "--seeds", "0", "1", "--workers", "2",
+            "--out-dir", str(tmp_path)]
+    assert ga.main(args) == 0
+    table = (tmp_path / "compare.md").read_text().splitlines()
+    assert [row.split(" |")[0] for row in table[2:7]] == ["| grpo", "| grpo+cls-advantage", "| grpo+cls-oracle",
+                                                          "| grpo+cls-advantage - grpo", "| grpo+cls-oracle - grpo"]
+    settings = {d.name: json.loads((d / "settings.json").read_text()) for d in tmp_path.iterdir() if d.is_dir()}
+    assert len(settings) == 6 and settings["grpo-seed1"]["seed"] == 1 and settings["grpo-seed1"]["cls_coef"] == 0
+    assert settings["grpo+cls-oracle-seed0"]["cls_labels"] == "oracle" and settings["grpo+cls-oracle-seed0"]["cls_coef"] == 0.5
+    written = {d: (tmp_path / d / "metrics.jsonl").stat().st_mtime_ns for d in settings}
+    assert ga.main([*args, "--overwrite"]) == 0                                   # resume: nothing is retrained
+    assert {d: (tmp_path / d / "metrics.jsonl").stat().st_mtime_ns for d in settings} == written
+    assert (tmp_path / "compare.md").read_text().splitlines() == table
+    capsys.readouterr()
+
+
 def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, capsys):
     try:
         import matplotlib  # noqa: F401
@@ -553,11 +572,45 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, capsys):
 
 # ---- the classification objective (GCD) ------------------------------------------------------------
 
-def test_classification_labels_advantage_sign_and_oracle():
-    moves = [ga.Move(0, [], [], [], "", "up", good) for good in (True, False, True, False)]
-    advantages = torch.tensor([0.7, -0.2, 0.0, 0.0])
-    assert ga.classification_labels(moves, advantages, "advantage").tolist() == [1, 0, -1, -1]  # A = 0: no label
-    assert ga.classification_labels(moves, advantages, "oracle").tolist() == [1, 0, 1, 0]
+def test_classification_set_advantage_sign_and_every_move_under_the_oracle():
+    _, tokenizer = ga.load_policy(ga.Settings(tiny_layers=1, tiny_dim=32), torch.device("cpu"))
+    env = toy_env.GridWorld.from_string(LAYOUT)              # at the start (0, 0): right and down are good
+    prompt = ga.encode_prompts(tokenizer, [env.observation()])[0]
+    moves = [ga.Move(k, prompt, ga.action_ids_for(tokenizer, a), [], a, a, a in ("right", "down"), ("right", "down"))
+             for k, a in enumerate(("right", "up", "down", "left"))]
+    advantages = torch.tensor([0.7, 0.5, -0.2, 0.0])           # 'up' is flawed yet A > 0; 'left' has A = 0
+    prompts, actions, labels = ga.classification_set(moves, advantages, "advantage", tokenizer)
+    assert labels.tolist() == [1, 1, 0] and actions == [m.action_ids for m in moves[:3]]
+    prompts, actions, labels = ga.classification_set(moves, advantages, "oracle", tokenizer)   # one distinct state
+    assert prompts == [prompt] * 4 and actions == [ga.action_ids_for(tokenizer, a) for a in toy_env.ACTIONS]
+    assert labels.tolist() == [0, 1, 0, 1]                    # up, down, left, right
+    stats = ga.rollout_stats(moves, torch.tensor([[1.0, 0.0], [0.0, 0.0]]), advantages)
+    assert stats["cls_label_noise"] == pytest.approx(2 / 3)   # of 3 labelled: flawed 'up' good, good 'down' bad
+
+
+def test_verdict_read_in_one_forward_equals_the_summed_log_probs_of_each_verdict():
+    """The one-forward path for one-token verdicts against sequence_logprobs of each verdict word, on
+    prompts of two lengths (3x3 and 4x4 grids), so right padding is exercised. Bug caught: reading the
+    last column (padding for the short prompts) instead of each row's last real token."""
+    model, tokenizer = ga.load_policy(ga.Settings(tiny_layers=1, tiny_dim=32), torch.device("cpu"))
+    grids = [LAYOUTS_3X3[0], toy_env.sample_layouts("train", 1, seed=0)[0], LAYOUTS_3X3[1]]
+    prompts = ga.encode_prompts(tokenizer, [toy_env.GridWorld.from_string(x).observation() for x in grids])
+    assert len({len(p) for p in prompts}) == 2
+    actions = [ga.action_ids_for(tokenizer, a) for a in ("up", "left", "down")]
+    query = tokenizer(ga.VERDICT_QUERY, add_special_tokens=False)["input_ids"]
+    expected = torch.stack([ga.sequence_logprobs(model, [p + a + query for p, a in zip(prompts, actions)],
+                                                 [tokenizer(" " + w, add_special_tokens=False)["input_ids"]] * 3,
+                                                 tokenizer.pad_token_id) for w in ga.VERDICTS], dim=1)  # (3, 2)
+    assert torch.allclose(ga.verdict_logits(model, tokenizer, prompts, actions), expected, atol=1e-5)
+
+
+def test_balanced_cross_entropy_and_balanced_accuracy_hand_computed():
+    logits, labels = torch.tensor([[0.0, 0.0], [0.0, 0.0], [2.0, 0.0]]), torch.tensor([1, 1, 0])
+    good, bad = np.log(2), np.log(1 + np.exp(2))             # -log softmax of the right verdict (index 0 = good)
+    assert ga.balanced_cross_entropy(logits, labels).item() == pytest.approx((good + bad) / 2, abs=1e-6)
+    assert ga.balanced_cross_entropy(logits[:2], labels[:2]).item() == pytest.approx(good, abs=1e-6)  # one class
+    assert ga.balanced_accuracy(torch.tensor([1, 1, 1, 1]), torch.tensor([1, 1, 1, 0])) == 0.5        # "always good"
+    assert ga.balanced_accuracy(torch.tensor([1, 0, 0, 0]), torch.tensor([1, 1, 0, 0])) == 0.75
 
 
 def cls_moves(tokenizer, pairs):
@@ -574,7 +627,7 @@ def test_classification_adds_no_parameters_and_its_gradient_reaches_the_trunk():
     model, tokenizer = ga.load_policy(ga.Settings(tiny_layers=2, tiny_dim=32), torch.device("cpu"))
     count = sum(p.numel() for p in model.parameters())
     moves, labels = cls_moves(tokenizer, toy_env.coupled_pairs("train", 4, seed=0))
-    ga.classification_loss(model, tokenizer, moves, labels).backward()
+    ga.classification_loss(model, tokenizer, [m.prompt_ids for m in moves], [m.action_ids for m in moves], labels).backward()
     assert sum(p.numel() for p in model.parameters()) == count   # the verdict is read off the LM head
     assert model.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0   # first block: shared trunk
     assert model.transformer.wte.weight.grad.abs().sum() > 0
@@ -606,7 +659,8 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
     optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
     for _ in range(120):
         optimizer.zero_grad()
-        ga.classification_loss(model, tokenizer, train_moves, train_labels).backward()
+        ga.classification_loss(model, tokenizer, [m.prompt_ids for m in train_moves], [m.action_ids for m in train_moves],
+                               train_labels).backward()
         optimizer.step()
     acc_after, cos_after = accuracy_and_pair_cosine()
     # 64 unseen moves: >= 40 right has probability ~2.5 % under chance. Learning a one-cell relation from
