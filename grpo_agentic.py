@@ -7,9 +7,10 @@
 A tiny GPT-2 (built from a config: nothing is downloaded) is warm-started on oracle moves, then
 trained with GRPO: for B layouts it plays G episodes each; every turn the policy reads the grid as
 text and *writes* its move; the reward is 1 if the goal is reached within the budget, else 0. Every
-move of an episode inherits the episode's advantage, its reward standardised within its group of G.
-The actor can also learn to judge its own moves (the paper's classification objective, GCD), and
-probes measure the paper's claims as training goes: flawed moves' advantages, squeezing, coupling.
+move of an episode inherits the episode's advantage, its reward standardised within its group of G
+(GiGPO's step-level credit can be added). The actor can also learn to judge its own moves (the
+paper's classification objective, GCD) and use that verdict at evaluation (a self-check), and probes
+measure the paper's claims as training goes: flawed moves' advantages, squeezing, coupling.
 
 Sections follow the data: settings -> model -> rollout -> advantages and loss -> classification loss
 -> update -> diagnostics -> training loop -> experiment and command line; `CORE:` marks the parts
@@ -60,6 +61,8 @@ class Settings:
     data_seed: int = arg(0, "seed of the train and held-out layout sets (fixed across training seeds)")
     tasks_per_iter: int = arg(16, "B: distinct train layouts per iteration")
     group_size: int = arg(8, "G: episodes per layout; the advantage baseline is this group's mean")
+    step_credit_coef: float = arg(0.0, "w in A = A_episode + w * A_step: GiGPO's step-level credit (0 = plain GRPO; GiGPO uses 1)")
+    gamma: float = arg(0.95, "discount of the step return R = gamma^(moves after this one) * episode reward (GiGPO)")
     scale_by_std: bool = arg(True, "divide advantages by the group's std (--no-scale-by-std: Dr. GRPO's r - mean)")
     lr: float = arg(5e-4, "peak AdamW learning rate of the GRPO phase")
     lr_warmup_iters: int = arg(10, "iterations of linear learning-rate warm-up to --lr; then linear decay towards 0")
@@ -77,6 +80,7 @@ class Settings:
     render_every: int = arg(50, "print one sampled episode as text every this many iterations (0 = never)")
     cls_coef: float = arg(0.0, "weight of the actor's own good/bad classification loss (GCD); 0 = plain GRPO")
     cls_labels: str = arg("advantage", "'advantage': sign of each A != 0 move's advantage; 'oracle': every move at every visited state")
+    self_check: int = arg(0, "evaluation also with a self-check: a move the actor's own verdict calls bad is resampled, up to K times")
     cls_samples: int = arg(128, "at most this many labelled (state, move) pairs per iteration, drawn at random")
     probe_pairs: int = arg(16, "coupled (good, flawed) state pairs in the gradient-coupling probe")
     probe_states: int = arg(128, "start states per eval set (its first layouts) where p_flawed and cls_bacc are read")
@@ -86,7 +90,7 @@ class Settings:
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     out_dir: str = arg("", "where settings.json, metrics.jsonl, summary.json and policy/ go ('' = runs/<time>-seed<seed>)")
     overwrite: bool = arg(False, "allow writing into an --out-dir that already holds a run")
-    compare: bool = arg(False, "train GRPO, GRPO+cls (advantage labels), GRPO+cls (oracle labels) for each of --seeds (resumes)")
+    compare: bool = arg(False, "train GRPO, GRPO+cls (advantage / oracle labels) and GiGPO for each of --seeds (resumes)")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "seeds of --compare"})
     workers: int = arg(2, "--compare: runs at once, each in its own process with its share of the CPU threads")
     plot: bool = arg(False, "plot a --compare --out-dir over training (needs matplotlib)")
@@ -98,7 +102,8 @@ class Settings:
         for name in ("epochs", "train_tasks", "tasks_per_iter", "minibatch_moves", "max_action_tokens", "sft_batch",
                      "eval_every", "eval_tasks", "probe_pairs", "probe_states", "workers", "cls_samples", "tiny_layers", "tiny_dim"):
             need(getattr(self, name) >= 1, name, ">= 1")
-        for name in ("iters", "sft_steps", "lr_warmup_iters", "render_every", "kl_coef", "clip_eps", "cls_coef", "data_seed"):
+        for name in ("iters", "sft_steps", "lr_warmup_iters", "render_every", "kl_coef", "clip_eps", "cls_coef", "data_seed",
+                     "step_credit_coef", "gamma", "self_check"):
             need(getattr(self, name) >= 0, name, ">= 0")
         for name in ("lr", "sft_lr", "temperature"):
             need(getattr(self, name) > 0 and math.isfinite(getattr(self, name)), name, "a positive number")
@@ -231,10 +236,12 @@ def encode_prompts(tokenizer, observations: list[str]) -> list[list[int]]:
     return tokenizer(observations, add_special_tokens=True)["input_ids"]
 
 def rollout(model, tokenizer, layouts: list[str], group_size: int, s: Settings, greedy: bool = False,
-            generator: torch.Generator | None = None):
+            generator: torch.Generator | None = None, judge=None, tries: int = 0):
     """Play `group_size` episodes on each layout, all at once. Returns (moves, rewards (B, G), envs).
     Only ids that spell ' move' + end-of-text exactly are a move; anything else (say 'left \\n \\n',
-    which the lenient environment would parse) is off-format and moves nothing."""
+    which the lenient environment would parse) is off-format and moves nothing. Self-check: with a
+    `judge(prompts, actions) -> [ok, ...]`, a rejected move is resampled (temperature sampling), up to
+    `tries` times; after the last try the last sample is taken."""
     formats = {tuple(action_ids_for(tokenizer, a)): a for a in toy_env.ACTIONS}
     envs = [toy_env.GridWorld.from_string(lay) for lay in layouts for _ in range(group_size)]
     observations = [env.reset() for env in envs]
@@ -243,6 +250,12 @@ def rollout(model, tokenizer, layouts: list[str], group_size: int, s: Settings, 
         prompt_ids = encode_prompts(tokenizer, [observations[i] for i in live])
         action_ids, logps, texts = generate_actions(model, tokenizer, prompt_ids, s.max_action_tokens,
                                                     s.temperature, greedy, generator)
+        for _ in range(tries if judge else 0):
+            rejected = [k for k, ok in enumerate(judge(prompt_ids, action_ids)) if not ok]
+            redo = generate_actions(model, tokenizer, [prompt_ids[k] for k in rejected], s.max_action_tokens,
+                                    s.temperature, False, generator) if rejected else ([], [], [])
+            for k, a, lp, text in zip(rejected, *redo):
+                action_ids[k], logps[k], texts[k] = a, lp, text
         for i, p, a, lp, text in zip(live, prompt_ids, action_ids, logps, texts):
             action, good_moves = formats.get(tuple(a)), tuple(envs[i].good_actions())
             observations[i], _, _, info = envs[i].step(action)
@@ -274,6 +287,36 @@ def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float
     advantages = (rewards - mean) / (std + eps) if scale_by_std else rewards - mean  # (num_groups, G)
     all_equal = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)    # (num_groups, 1)
     return torch.where(all_equal, torch.zeros_like(advantages), advantages)
+
+def step_returns(episodes: list[int], episode_rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted return from each move on, (N,), for moves listed in the order they were played and
+    an outcome reward that arrives after an episode's last move:  R_i = gamma^(moves after i) * r_episode(i).
+
+    >>> step_returns([0, 1, 0, 0], torch.tensor([1.0, 0.0]), gamma=0.5)   # episode 0: three moves, success
+    tensor([0.2500, 0.0000, 0.5000, 1.0000])
+    """
+    after = [episodes[i + 1:].count(e) for i, e in enumerate(episodes)]     # moves of the same episode still to come
+    return episode_rewards[episodes] * gamma ** torch.tensor(after, dtype=torch.float)
+
+def gigpo_step_advantages(anchors: list, returns: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6) -> torch.Tensor:
+    """GiGPO's step-level advantage (Feng et al., 2025, arXiv 2505.10978), (N,) -> (N,). Moves with the
+    same anchor -- the same task and the same observation, in any of that task's G episodes -- form a
+    step group, and each move's step return is compared within it, exactly as grpo_advantages does:
+
+        A_step_i = (R_i - mean_{j in group(i)} R_j) / (std_{j in group(i)} R_j + eps)
+
+    A group of one, or of equal returns, gets 0. Two visits of one state, R = 1.0 (straight on) and
+    0.81 (two moves more to the goal), and a state visited once:
+    >>> gigpo_step_advantages([("t", "s"), ("t", "s"), ("t", "u")], torch.tensor([1.0, 0.81, 0.9]))
+    tensor([ 1.0000, -1.0000,  0.0000])
+    """
+    groups: dict = {}
+    for i, key in enumerate(anchors):
+        groups.setdefault(key, []).append(i)
+    step_adv = torch.zeros_like(returns)
+    for members in groups.values():
+        step_adv[members] = grpo_advantages(returns[members][None], scale_by_std, eps)[0]
+    return step_adv
 
 def build_batch(prompts: list[list[int]], actions: list[list[int]], pad_id: int, device):
     """Right-padded prompt+action sequences: ids, attention mask and action mask, each (N, T).
@@ -562,11 +605,14 @@ def sft_warmup(model, tokenizer, layouts: list[str], s: Settings, rng: np.random
     return losses
 
 @torch.no_grad()
-def evaluate(model, tokenizer, layouts: list[str], s: Settings) -> float:
-    """Greedy success rate, one episode per layout; restores the mode (train/eval) it found."""
+def evaluate(model, tokenizer, layouts: list[str], s: Settings, self_check: int = 0) -> float:
+    """Greedy success rate, one episode per layout; restores the mode (train/eval) it found. With
+    self_check = K, a move the actor's own verdict calls bad is resampled up to K times (seeded)."""
     was_training = model.training
     model.eval()
-    _, rewards, _ = rollout(model, tokenizer, layouts, 1, s, greedy=True)
+    judge = lambda prompts, actions: (verdict_logits(model, tokenizer, prompts, actions).argmax(1) == 0).tolist()
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed)
+    _, rewards, _ = rollout(model, tokenizer, layouts, 1, s, greedy=True, generator=generator, judge=judge, tries=self_check)
     model.train(was_training)
     return rewards.mean().item()
 
@@ -579,6 +625,8 @@ def measure(model, tokenizer, eval_sets: dict, s: Settings, log, it: int) -> dic
     """Greedy success on both evaluation sets, then the probes; logs one line."""
     t = time.time()
     row = {f"eval_{split}_success": evaluate(model, tokenizer, layouts, s) for split, layouts in eval_sets.items()}
+    if s.self_check:
+        row["eval_held_out_success_self_check"] = evaluate(model, tokenizer, eval_sets["held_out"], s, s.self_check)
     row["eval_s"] = time.time() - t
     start_states = {split: [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, layouts[: s.probe_states])]
                     for split, layouts in eval_sets.items()}                      # (observation, good moves)
@@ -634,6 +682,10 @@ def train(s: Settings, out_dir: str, log=print):
             t1 = time.time()
             advantages = grpo_advantages(rewards, s.scale_by_std).flatten()   # (B*G,) one per episode
             move_adv = advantages[[m.episode for m in moves]]                  # (N,) each move inherits it
+            if s.step_credit_coef:                                             # GiGPO: + w * step-level credit
+                returns = step_returns([m.episode for m in moves], rewards.flatten(), s.gamma)       # (N,)
+                anchors = [(m.episode // s.group_size, tuple(m.prompt_ids)) for m in moves]          # (task, state)
+                move_adv = move_adv + s.step_credit_coef * gigpo_step_advantages(anchors, returns, s.scale_by_std)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(it, s.lr, s.lr_warmup_iters, s.iters)
             stats = grpo_update(model, tokenizer, moves, move_adv, optimizer, s, rng, ref_model)
@@ -654,7 +706,8 @@ def train(s: Settings, out_dir: str, log=print):
                "start": measured[0], "end": last, "no_signal_iters_frac": float(np.mean([r["mixed_groups"] == 0 for r in rows])) if rows else float("nan"),
                "decisions_per_second": sum(r["moves"] for r in rows) / max(timing["rollout_s"], 1e-9),
                **{k: round(v, 2) for k, v in timing.items()}, "wall_seconds": round(time.time() - start, 2),
-               "torch_threads": torch.get_num_threads()}
+               "torch_threads": torch.get_num_threads(),   # over all iterations, under the advantage actually used:
+               "over_run": {k: float(np.nanmean([r[k] for r in rows])) if rows else math.nan for k in ("adv_flawed_mean", "flawed_pos_adv_frac")}}
     return model, tokenizer, summary
 
 def run(s: Settings, out_dir: str, log=print) -> dict:
@@ -675,9 +728,11 @@ def run(s: Settings, out_dir: str, log=print) -> dict:
     return summary
 
 # ---- Experiment and command line: compare arms over seeds, plot, main() ----------------------------
-ARMS = {"grpo": "advantage", "grpo+cls-advantage": "advantage", "grpo+cls-oracle": "oracle"}
-COLUMNS = ("cls_bacc_train", "cls_bacc_held_out", "hidden_cos", "hidden_cos_move", "hidden_cos_centred", "coupling_cos",
-           "coupling_ratio", "p_flawed", "eval_train_success", "eval_held_out_success")   # the chain, link by link
+ARMS = {"grpo": ("advantage", False, False), "grpo+cls-advantage": ("advantage", True, False),   # (cls_labels, GCD?,
+        "grpo+cls-oracle": ("oracle", True, False), "gigpo": ("advantage", False, True)}           #  step credit?)
+COLUMNS = ("adv_flawed_mean", "flawed_pos_adv_frac", "cls_bacc_train", "cls_bacc_held_out", "hidden_cos", "hidden_cos_move",
+           "hidden_cos_centred", "coupling_cos", "coupling_ratio", "p_flawed", "eval_train_success", "eval_held_out_success",
+           "eval_held_out_success_self_check")   # credit, then the chain link by link, then the self-check
 
 def paired_interval(diffs: list[float]) -> str:
     """mean [95 % t-interval] of per-seed paired differences (Student t, n - 1 degrees of freedom)."""
@@ -695,18 +750,19 @@ def compare_run(job: tuple[Settings, str]) -> dict:
 
 def compare(s: Settings, out_dir: str) -> str:
     """Train every arm on every seed with the same budget, `s.workers` runs at a time; write compare.md:
-    each arm's mean over seeds, and each GCD arm's paired difference to GRPO on the same seeds."""
+    each arm's mean over seeds, and each other arm's paired difference to GRPO on the same seeds."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
-    coef = s.cls_coef or 0.5
+    coef, w, tries = s.cls_coef or 0.5, s.step_credit_coef or 1.0, s.self_check or 3
     keys, end = [(arm, seed) for arm in ARMS for seed in s.seeds], {}
-    jobs = [(dataclasses.replace(s, seed=seed, cls_coef=0.0 if arm == "grpo" else coef, cls_labels=ARMS[arm],
-                                 compare=False, render_every=0), os.path.join(out_dir, f"{arm}-seed{seed}")) for arm, seed in keys]
+    jobs = [(dataclasses.replace(s, seed=seed, cls_labels=ARMS[arm][0], cls_coef=coef * ARMS[arm][1], step_credit_coef=w * ARMS[arm][2],
+                                 self_check=tries, compare=False, render_every=0), os.path.join(out_dir, f"{arm}-seed{seed}"))
+            for arm, seed in keys]
     with ProcessPoolExecutor(s.workers, mp_context=get_context("spawn")) as pool:   # spawn: no forked torch threads
         for (arm, seed), summary in zip(keys, pool.map(compare_run, jobs)):
-            end[arm, seed] = summary["end"]
+            end[arm, seed] = {**summary["end"], **summary["over_run"]}
             print(f"{arm} seed {seed}: " + ", ".join(f"{k} {end[arm, seed][k]:.3f}" for k in COLUMNS), flush=True)
-    lines = [f"| arm (--cls-coef {coef} for +cls) | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines = [f"| arm (+cls: --cls-coef {coef}; gigpo: --step-credit-coef {w}; self-check K = {tries}) | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     lines += [f"| {arm} | " + " | ".join(f"{np.mean([end[arm, x][k] for x in s.seeds]):.3f}" for k in COLUMNS) + " |" for arm in ARMS]
     lines += [f"| {arm} - grpo | " + " | ".join(paired_interval([end[arm, x][k] - end["grpo", x][k] for x in s.seeds])
                                                for k in COLUMNS) + " |" for arm in list(ARMS)[1:]]

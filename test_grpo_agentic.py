@@ -1,6 +1,6 @@
 """Tests as documentation: hand-computed math, env rules, masking, batching, and runs of the CLI.
 
-Run:  python -m pytest -q test_grpo_agentic.py      (about 55 s on 2 CPU cores)
+Run:  python -m pytest -q test_grpo_agentic.py      (about 65 s on 2 CPU cores)
 Where a docstring says "Bug caught", the test was seen to fail with that bug put in on purpose.
 """
 import copy
@@ -492,7 +492,7 @@ def test_short_seeded_run_improves_over_the_untrained_policy(tmp_path):
 def test_cli_smoke_run_writes_outputs_without_warnings_and_the_policy_loads(tmp_path, capsys):
     out = tmp_path / "a"
     result = subprocess.run([sys.executable, os.path.join(HERE, "grpo_agentic.py"), *TINY_ARGS, "--iters", "4",
-                             "--eval-every", "2", "--out-dir", str(out)], cwd=HERE, capture_output=True, text=True, timeout=300)
+                             "--eval-every", "2", "--self-check", "1", "--out-dir", str(out)], cwd=HERE, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr and "deprecated" not in result.stderr, result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -503,7 +503,7 @@ def test_cli_smoke_run_writes_outputs_without_warnings_and_the_policy_loads(tmp_
     assert summary["no_signal_iters_frac"] == np.mean([r["mixed_groups"] == 0 for r in rows])   # the dead-iteration share
     capsys.readouterr()
     assert ga.main(["--model", str(out / "policy"), "--iters", "0", "--sft-steps", "0", "--eval-tasks", "8",
-                    "--probe-pairs", "2", "--out-dir", str(tmp_path / "eval")]) == 0      # evaluate the saved policy
+                    "--probe-pairs", "2", "--self-check", "1", "--out-dir", str(tmp_path / "eval")]) == 0  # evaluate the saved policy
     measured = lambda path: {k: v for k, v in json.loads(path.read_text())["end"].items() if not k.endswith("_s")}
     assert measured(tmp_path / "eval" / "summary.json") == measured(out / "summary.json")
 
@@ -548,11 +548,13 @@ def test_compare_writes_paired_table_in_worker_processes_and_resumes(tmp_path, c
             "--out-dir", str(tmp_path)]
     assert ga.main(args) == 0
     table = (tmp_path / "compare.md").read_text().splitlines()
-    assert [row.split(" |")[0] for row in table[2:7]] == ["| grpo", "| grpo+cls-advantage", "| grpo+cls-oracle",
-                                                          "| grpo+cls-advantage - grpo", "| grpo+cls-oracle - grpo"]
+    assert [row.split(" |")[0] for row in table[2:9]] == ["| grpo", "| grpo+cls-advantage", "| grpo+cls-oracle", "| gigpo",
+                                                          "| grpo+cls-advantage - grpo", "| grpo+cls-oracle - grpo", "| gigpo - grpo"]
     settings = {d.name: json.loads((d / "settings.json").read_text()) for d in tmp_path.iterdir() if d.is_dir()}
-    assert len(settings) == 6 and settings["grpo-seed1"]["seed"] == 1 and settings["grpo-seed1"]["cls_coef"] == 0
+    assert len(settings) == 8 and settings["grpo-seed1"]["seed"] == 1 and settings["grpo-seed1"]["cls_coef"] == 0
     assert settings["grpo+cls-oracle-seed0"]["cls_labels"] == "oracle" and settings["grpo+cls-oracle-seed0"]["cls_coef"] == 0.5
+    assert [settings[d]["step_credit_coef"] for d in ("grpo-seed0", "grpo+cls-oracle-seed0", "gigpo-seed1")] == [0, 0, 1]
+    assert {x["self_check"] for x in settings.values()} == {3}                   # every arm is also evaluated with it
     written = {d: (tmp_path / d / "metrics.jsonl").stat().st_mtime_ns for d in settings}
     assert ga.main([*args, "--overwrite"]) == 0                                   # resume: nothing is retrained
     assert {d: (tmp_path / d / "metrics.jsonl").stat().st_mtime_ns for d in settings} == written
@@ -568,6 +570,62 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, capsys):
         pass
     assert ga.main(["--plot", "--out-dir", str(tmp_path)]) == 2
     assert "pip install matplotlib" in capsys.readouterr().err
+
+
+# ---- step-level credit (GiGPO) and the inference-time self-check -------------------------------------
+
+def test_gigpo_step_advantages_of_a_hand_made_group_with_shared_states():
+    """One task, G = 3 episodes, gamma = 0.9. Episodes 0 and 2 succeed in 3 moves, episode 1 fails after 4.
+    All three start in state s0; episodes 0 and 1 then both visit s1; everything else is visited once."""
+    episodes = [0, 1, 2, 0, 1, 2, 0, 1, 2, 1]                           # moves in the order they were played
+    states = ["s0", "s0", "s0", "s1", "s1", "a", "b", "c", "d", "e"]
+    returns = ga.step_returns(episodes, torch.tensor([1.0, 0.0, 1.0]), gamma=0.9)
+    assert torch.allclose(returns, torch.tensor([0.81, 0, 0.81, 0.9, 0, 0.9, 1.0, 0, 1.0, 0]))
+    step = ga.gigpo_step_advantages([(0, x) for x in states], returns, eps=0.0)
+    s0_mean, s0_std = 1.62 / 3, np.sqrt(((0.81 - 0.54) ** 2 * 2 + 0.54 ** 2) / 3)     # population std
+    expected = [(0.81 - s0_mean) / s0_std, -s0_mean / s0_std, (0.81 - s0_mean) / s0_std, 1.0, -1.0, 0, 0, 0, 0, 0]
+    assert torch.allclose(step, torch.tensor(expected, dtype=torch.float), atol=1e-5)
+    assert torch.allclose(ga.gigpo_step_advantages([(0, x) for x in states], returns, scale_by_std=False)[:5],
+                          torch.tensor([0.27, -0.54, 0.27, 0.45, -0.45]), atol=1e-6)     # R - mean, no std
+    # Another task with the same observation is another anchor group: no credit flows between tasks.
+    assert ga.gigpo_step_advantages([(0, "s1"), (1, "s1")], torch.tensor([0.9, 0.0])).tolist() == [0.0, 0.0]
+
+
+def test_step_credit_coef_0_trains_exactly_like_grpo(tmp_path):
+    """w = 0 must reproduce GRPO exactly; w = 1 must change the run (else the flag would be dead)."""
+    runs = {}
+    for w in (0.0, 1.0, None):
+        extra = {} if w is None else {"step_credit_coef": w}
+        s = ga.Settings(**{**TINY, "sft_steps": 40, "sft_batch": 64, "iters": 3, "eval_every": 3}, **extra)  # some success
+        ga.train(s, str(tmp_path), log=lambda *_: None)
+        runs[w] = [{k: v for k, v in json.loads(x).items() if not k.endswith("_s")}
+                   for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert runs[0.0] == runs[None] and runs[1.0] != runs[None]
+
+
+def test_self_check_resamples_rejected_moves_while_tries_remain(monkeypatch):
+    """A scripted policy: greedy writes 'up'; the resamples write up, then left, left, ...
+    The judge rejects 'up'. K = 0 is plain greedy; K = 1 takes the rejected 'up' only because the one
+    try is spent; K = 2 takes 'left', the first move the judge accepts."""
+    _, tokenizer = ga.load_policy(ga.Settings(tiny_layers=1, tiny_dim=32), torch.device("cpu"))
+    up = ga.action_ids_for(tokenizer, "up")
+    def scripted(model, tokenizer_, prompts, max_tokens, temperature, greedy, generator):
+        moves = ["up"] * len(prompts) if greedy else [next(resamples) for _ in prompts]
+        ids = [ga.action_ids_for(tokenizer, m) for m in moves]
+        return ids, [[0.0] * len(x) for x in ids], [" " + m for m in moves]
+    monkeypatch.setattr(ga, "generate_actions", scripted)
+    judged = []
+    def judge(prompts, actions):
+        judged.append(len(prompts))
+        return [a != up for a in actions]
+    s = ga.Settings(**TINY)
+    first_move = {}
+    for tries in (0, 1, 2):
+        resamples, judged[:] = iter(["up"] + ["left"] * 40), []
+        moves, _, _ = ga.rollout(None, tokenizer, [LAYOUT], 1, s, greedy=True, judge=judge, tries=tries)
+        first_move[tries] = moves[0].action
+        assert len(judged) >= tries                                         # the judge saw every try
+    assert first_move == {0: "up", 1: "up", 2: "left"}
 
 
 # ---- the classification objective (GCD) ------------------------------------------------------------
