@@ -250,11 +250,15 @@ def rollout(model, tokenizer, layouts: list[str], group_size: int, s: Settings, 
         prompt_ids = encode_prompts(tokenizer, [observations[i] for i in live])
         action_ids, logps, texts = generate_actions(model, tokenizer, prompt_ids, s.max_action_tokens,
                                                     s.temperature, greedy, generator)
-        for _ in range(tries if judge else 0):
-            rejected = [k for k, ok in enumerate(judge(prompt_ids, action_ids)) if not ok]
-            redo = generate_actions(model, tokenizer, [prompt_ids[k] for k in rejected], s.max_action_tokens,
-                                    s.temperature, False, generator) if rejected else ([], [], [])
-            for k, a, lp, text in zip(rejected, *redo):
+        pending = list(range(len(prompt_ids))) if judge else []     # moves the judge has not accepted yet
+        for _ in range(tries if pending else 0):
+            verdicts = judge([prompt_ids[k] for k in pending], [action_ids[k] for k in pending])
+            pending = [k for k, ok in zip(pending, verdicts) if not ok]   # an accepted move is never judged again
+            if not pending:
+                break
+            redo = generate_actions(model, tokenizer, [prompt_ids[k] for k in pending], s.max_action_tokens,
+                                    s.temperature, False, generator)
+            for k, a, lp, text in zip(pending, *redo):
                 action_ids[k], logps[k], texts[k] = a, lp, text
         for i, p, a, lp, text in zip(live, prompt_ids, action_ids, logps, texts):
             action, good_moves = formats.get(tuple(a)), tuple(envs[i].good_actions())
