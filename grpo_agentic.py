@@ -4,13 +4,12 @@
     python grpo_agentic.py --help                                  # every setting, with its meaning
     python grpo_agentic.py --model runs/<run>/policy --iters 0 --sft-steps 0   # evaluate a saved policy
 
-A tiny GPT-2 (built from a config: nothing is downloaded) is warm-started on oracle moves, then
-trained with GRPO: for B layouts it plays G episodes each; every turn the policy reads the grid as
-text and *writes* its move; the reward is 1 if the goal is reached within the budget, else 0. Every
-move of an episode inherits the episode's advantage, its reward standardised within its group of G
-(GiGPO's step-level credit can be added). The actor can also learn to judge its own moves (the
-paper's classification objective, GCD) and use that verdict at evaluation (a self-check), and probes
-measure the paper's claims as training goes: flawed moves' advantages, squeezing, coupling.
+A tiny GPT-2 (built from a config: nothing is downloaded) is warm-started on oracle moves, then trained with
+GRPO: for B layouts it plays G episodes each; every turn the policy reads the grid as text and *writes* its
+move; the reward is 1 if the goal is reached within the budget, else 0. Every move inherits its episode's
+advantage, the reward standardised within its group of G (GiGPO's step-level credit can be added). The actor
+can also judge its own moves (the paper's classification objective, GCD) and use that verdict at evaluation
+(a self-check); probes measure the paper's claims as training goes: flawed moves' credit, squeezing, coupling.
 
 Sections follow the data: settings -> model -> rollout -> advantages and loss -> classification loss
 -> update -> diagnostics -> training loop -> experiment and command line; `CORE:` marks the parts
@@ -44,10 +43,8 @@ def resolve_device(name: str) -> torch.device:
     kind, _, index = name.partition(":")
     if name == "auto":
         return torch.device(next(k for k, ok in available.items() if ok))
-    if kind not in available or not (index == "" or index.isdigit()):
-        raise ValueError(f"--device {name!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
-    if not available[kind]:
-        raise ValueError(f"--device {name}: {kind.upper()} is not available on this machine")
+    if kind not in available or not (index == "" or index.isdigit()) or not available[kind]:
+        raise ValueError(f"--device {name!r} is not supported or not available here; use auto, cpu, cuda, cuda:N or mps")
     return torch.device(name)
 
 def arg(default, help: str):
@@ -68,8 +65,8 @@ class Settings:
     lr_warmup_iters: int = arg(10, "iterations of linear learning-rate warm-up to --lr; then linear decay towards 0")
     clip_eps: float = arg(0.2, "PPO clip range epsilon on the token probability ratio")
     kl_coef: float = arg(0.0, "weight of the k3 KL penalty to the policy at the start of RL (0 = off)")
-    epochs: int = arg(2, "passes over each iteration's rollouts (PPO epochs); the clip matters from the 2nd step on")
-    minibatch_moves: int = arg(256, "target moves per gradient step; each epoch splits a fresh shuffle into near-equal parts")
+    epochs: int = arg(1, "passes over each iteration's rollouts (PPO epochs; 1 as in TRL and verl); the clip matters from the 2nd step on")
+    minibatch_moves: int = arg(96, "target moves per gradient step; each epoch splits a fresh shuffle into near-equal parts")
     temperature: float = arg(1.0, "sampling temperature during rollouts (1.0 = sample the policy itself)")
     max_action_tokens: int = arg(4, "generation budget for one action, end-of-text token included")
     sft_steps: int = arg(150, "supervised warm-up steps on oracle moves before RL (0 = none)")
@@ -144,10 +141,8 @@ def build_word_tokenizer():
     from transformers import PreTrainedTokenizerFast
     words = ["[PAD]", "[UNK]", "[EOS]", *toy_env.VOCABULARY, VERDICT_QUERY.strip(), *VERDICTS]
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),  # spaces separate words...
-        pre_tokenizers.Split("\n", behavior="isolated"),                 # ...newlines are words
-    ])
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"[^\S\n]+"), behavior="removed"),  # spaces separate
+                                                  pre_tokenizers.Split("\n", behavior="isolated")])  # words; newlines are words
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
 
 def build_tiny_model(tokenizer, s: Settings):
@@ -190,10 +185,9 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 @torch.no_grad()
 def generate_actions(model, tokenizer, prompts: list[list[int]], max_tokens: int, temperature: float,
                      greedy: bool, generator: torch.Generator | None):
-    """Sample one action per prompt. Returns (token ids per action, their log-probs, decoded texts).
-    Our own loop rather than `model.generate`, so the tokens come from exactly softmax(logits / T):
-    no top-k/top-p/repetition processors from a model's generation_config sneak in, and the
-    log-probs recorded here are those of the distribution the loss scores."""
+    """Sample one action per prompt. Returns (token ids per action, their log-probs, decoded texts). Our own
+    loop rather than `model.generate`, so the tokens come from exactly softmax(logits / T): no top-k/top-p/
+    repetition processors from a generation_config sneak in, and the log-probs are those the loss scores."""
     device = next(model.parameters()).device
     ids, mask, positions = left_pad(prompts, tokenizer.pad_token_id, device)  # each (N, P)
     n, cache = len(prompts), None
@@ -238,10 +232,9 @@ def encode_prompts(tokenizer, observations: list[str]) -> list[list[int]]:
 def rollout(model, tokenizer, layouts: list[str], group_size: int, s: Settings, greedy: bool = False,
             generator: torch.Generator | None = None, judge=None, tries: int = 0):
     """Play `group_size` episodes on each layout, all at once. Returns (moves, rewards (B, G), envs).
-    Only ids that spell ' move' + end-of-text exactly are a move; anything else (say 'left \\n \\n',
-    which the lenient environment would parse) is off-format and moves nothing. Self-check: with a
-    `judge(prompts, actions) -> [ok, ...]`, a rejected move is resampled (temperature sampling), up to
-    `tries` times; after the last try the last sample is taken."""
+    Only ids that spell ' move' + end-of-text exactly are a move; anything else (say 'left \\n \\n', which the
+    lenient environment would parse) is off-format and moves nothing. Self-check: with a `judge(prompts,
+    actions) -> [ok, ...]`, a rejected move is resampled (temperature sampling), taken after `tries` tries."""
     formats = {tuple(action_ids_for(tokenizer, a)): a for a in toy_env.ACTIONS}
     envs = [toy_env.GridWorld.from_string(lay) for lay in layouts for _ in range(group_size)]
     observations = [env.reset() for env in envs]
@@ -323,10 +316,9 @@ def gigpo_step_advantages(anchors: list, returns: torch.Tensor, scale_by_std: bo
     return step_adv
 
 def build_batch(prompts: list[list[int]], actions: list[list[int]], pad_id: int, device):
-    """Right-padded prompt+action sequences: ids, attention mask and action mask, each (N, T).
-    The action mask is 1 exactly on the action ids (as sampled, never re-tokenised text); prompt
-    tokens and padding are 0, so they are never trained. Which positions are padding is known from
-    the lengths, never guessed from token ids: pad may equal end-of-text, which an action ends with."""
+    """Right-padded prompt+action sequences: ids, attention mask and action mask, each (N, T). The action mask
+    is 1 exactly on the action ids (as sampled, never re-tokenised text); prompt tokens and padding are 0, never
+    trained. Padding is known from the lengths, never guessed from ids: pad may equal end-of-text."""
     width = max(len(p) + len(a) for p, a in zip(prompts, actions))
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)    # (N, T)
     attention = torch.zeros(len(prompts), width, dtype=torch.long)       # (N, T)
@@ -403,8 +395,7 @@ def verdict_logits(model, tokenizer, prompts: list[list[int]], actions: list[lis
         logits = model(input_ids=ids, attention_mask=attention).logits.float()   # (N, T, V)
         last = logits[torch.arange(len(asked)), attention.sum(1) - 1]             # (N, V) after the query
         return torch.log_softmax(last, dim=-1)[:, [v[0] for v in verdicts]]       # (N, 2)
-    scores = [sequence_logprobs(model, asked, [v] * len(asked), tokenizer.pad_token_id) for v in verdicts]  # 2 x (N,)
-    return torch.stack(scores, dim=1)                                         # (N, 2)
+    return torch.stack([sequence_logprobs(model, asked, [v] * len(asked), tokenizer.pad_token_id) for v in verdicts], dim=1)  # (N, 2)
 
 def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the 2-way verdict, (N, 2) logits and (N,) labels (1 = good) -> (), each class
@@ -448,11 +439,10 @@ def learning_rate(it: int, peak: float, warmup: int, total: int) -> float:
 
 def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, optimizer, s: Settings,
                 rng: np.random.Generator, ref_model=None) -> dict:
-    """`s.epochs` shuffled passes of clipped-surrogate steps over the moves that carry signal (A != 0);
-    all-equal groups (A = 0) are left out whatever --kl-coef is, so KL adds a term and changes nothing
-    else. Old log-probs: those recorded while sampling (same model, dropout off), so the first ratio is 1
-    up to float error (`ratio_dev_first`). With --cls-coef > 0 each step also takes its share of the
-    classification set, which trains even in an iteration where RL has no signal."""
+    """`s.epochs` shuffled passes of clipped-surrogate steps over the moves that carry signal (A != 0); all-equal
+    groups (A = 0) are left out whatever --kl-coef is, so KL adds a term and changes nothing else. Old log-probs:
+    those recorded while sampling (same model, dropout off), so the first ratio is 1 up to float error
+    (`ratio_dev_first`). With --cls-coef > 0 each step also takes its share of the classification set."""
     device = next(model.parameters()).device
     signal = (advantages != 0).nonzero().flatten().tolist()
     cls_prompts, cls_actions, cls_labels = (classification_set(moves, advantages, s.cls_labels, tokenizer) if s.cls_coef > 0
@@ -493,10 +483,9 @@ def grpo_update(model, tokenizer, moves: list[Move], advantages: torch.Tensor, o
 # ---- Diagnostics: the paper's claims, measured with the oracle's labels (read here, never trained on) ----
 def flawed_step_stats(moves: list[Move], move_adv: torch.Tensor) -> dict:
     """Lemma 3.1 in the wild: the advantage outcome-based GRPO gives to good vs flawed moves."""
-    flawed = torch.tensor([not m.good for m in moves])                  # (N,)
+    flawed = torch.tensor([not m.good for m in moves])                  # (N,); a mean over no moves is NaN (null in the log)
     return {"flawed_frac": flawed.float().mean().item(), "adv_flawed_mean": move_adv[flawed].mean().item(),
-            "adv_good_mean": move_adv[~flawed].mean().item(),     # the mean of an empty set is NaN (null in the log)
-            "flawed_pos_adv_frac": (move_adv[flawed] > 0).float().mean().item()}
+            "adv_good_mean": move_adv[~flawed].mean().item(), "flawed_pos_adv_frac": (move_adv[flawed] > 0).float().mean().item()}
 
 def squeezing_step(probs: torch.Tensor, action: int, advantage: float, lr: float) -> torch.Tensor:
     """One exact policy-gradient step on the logits z of a softmax policy pi = softmax(z), (K,) -> (K,):
@@ -558,11 +547,10 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
                      (first order): the ratio is the share of the intended gain that leaks to the flawed
                      twin (1 = all of it), free of step size and gradient scale. The median over pairs:
                      where the good move is near-certain, |g_good| ~ 0 and one pair's ratio explodes.
-    hidden_cos     = cos(h_good, h_flawed), last-layer hidden states where the move is predicted;
-                     _move: at the move's last token (the verdict query follows it); _centred: after
-                     subtracting the probe's mean state, a common component shared by every grid
-    Uses torch.autograd.grad (never .grad) and never changes a weight, so the model, its gradients
-    and the optimiser state are exactly as before."""
+    hidden_cos     = cos(h_good, h_flawed), last-layer hidden states where the move is predicted; _move: at
+                     the move's last token (the verdict query follows it); _centred: after subtracting the
+                     probe's mean state, a component every grid shares
+    Uses torch.autograd.grad (never .grad) and changes no weight: model, gradients and optimiser are as before."""
     was_training = model.training
     model.eval()  # no dropout noise in the probe
     params = [p for p in model.parameters() if p.requires_grad]
@@ -629,7 +617,7 @@ def measure(model, tokenizer, eval_sets: dict, s: Settings, log, it: int) -> dic
     """Greedy success on both evaluation sets, then the probes; logs one line."""
     t = time.time()
     row = {f"eval_{split}_success": evaluate(model, tokenizer, layouts, s) for split, layouts in eval_sets.items()}
-    if s.self_check:
+    if s.self_check and it == s.iters:                                            # at the end: costly, and final
         row["eval_held_out_success_self_check"] = evaluate(model, tokenizer, eval_sets["held_out"], s, s.self_check)
     row["eval_s"] = time.time() - t
     start_states = {split: [(env.observation(), env.good_actions()) for env in map(toy_env.GridWorld.from_string, layouts[: s.probe_states])]
@@ -657,24 +645,30 @@ def log_line(row: dict, s: Settings) -> str:
             f"{row['adv_flawed_mean']:+.2f} good {row['adv_good_mean']:+.2f} (flawed A>0 {row['flawed_pos_adv_frac']:.2f}) | "
             + (f"cls {row['cls_loss']:.3f} | " if s.cls_coef else "") + f"roll {row['rollout_s']:.2f}s upd {row['update_s']:.2f}s")
 
-def train(s: Settings, out_dir: str, log=print):
-    """Warm-up, then `s.iters` GRPO iterations; writes metrics.jsonl. Returns (model, tokenizer, summary)."""
-    start = time.time()
-    device = resolve_device(s.device)
+def warm_start(model, tokenizer, s: Settings, log=print) -> dict:
+    """The supervised warm-up, done to `model` in place. Returns its weights and time, and the state of the
+    numpy rng that RL goes on from: everything before RL, which --compare's arms of one seed share."""
+    rng, t = np.random.default_rng(s.seed), time.time()         # tasks, warm-up states, minibatch order
+    sft_losses = sft_warmup(model, tokenizer, task_sets(s)[0], s, rng)
+    if sft_losses:
+        log(f"warm-up: {s.sft_steps} steps, nll {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} ({time.time() - t:.1f}s)")
+    return {"policy": model.state_dict(), "rng": rng.bit_generator.state, "sft_s": time.time() - t}
+
+def train(s: Settings, out_dir: str, log=print, start: dict | None = None):
+    """Warm-up (or `start`, a warm_start of these settings), `s.iters` GRPO iterations -> metrics.jsonl; (model, tokenizer, summary)."""
+    begin, device = time.time(), resolve_device(s.device)
     model, tokenizer = load_policy(s, device)
     # Dropout off for the whole run (as TRL does): the policy that samples, whose log-probs are
     # recorded, must be the very function the loss scores. Gradients flow in eval mode all the same.
     model.eval()
-    rng = np.random.default_rng(s.seed)                         # tasks, warm-up states, minibatch order
-    generator = torch.Generator(device=device).manual_seed(s.seed)  # rollout sampling
     pool, eval_sets = task_sets(s)
     log(f"policy: {s.model or 'tiny GPT-2'}, {sum(p.numel() for p in model.parameters()):,} parameters, on {device}; "
         f"{len(pool)} train layouts, eval on {s.eval_tasks} per split")
-    t = time.time()
-    sft_losses = sft_warmup(model, tokenizer, pool, s, rng)
-    sft_s = time.time() - t
-    if sft_losses:
-        log(f"warm-up: {s.sft_steps} steps, nll {sft_losses[0]:.3f} -> {sft_losses[-1]:.3f} ({sft_s:.1f}s)")
+    start = start or warm_start(model, tokenizer, s, log)
+    model.load_state_dict(start["policy"])                     # a copy onto itself unless `start` was given
+    rng = np.random.default_rng()
+    rng.bit_generator.state = start["rng"]                      # as the warm-up left it: same runs either way
+    generator = torch.Generator(device=device).manual_seed(s.seed)  # rollout sampling
     ref_model = copy.deepcopy(model) if s.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
     measured, rows = {0: measure(model, tokenizer, eval_sets, s, log, 0)}, []
@@ -704,23 +698,23 @@ def train(s: Settings, out_dir: str, log=print):
             if s.render_every and it % s.render_every == 0:
                 log(f"-- a sampled episode at iter {it} --\n" + render_episode(moves, envs[0], 0))
     last = measured[max(measured)]
-    timing = {"sft_s": sft_s, **{k: sum(r.get(k, 0.0) for r in [measured[0], *rows]) for k in
+    timing = {"sft_s": start["sft_s"], **{k: sum(r.get(k, 0.0) for r in [measured[0], *rows]) for k in
                                   ("rollout_s", "update_s", "eval_s", "probe_s")}}
     summary = {"eval_train_success": last["eval_train_success"], "eval_held_out_success": last["eval_held_out_success"],
                "start": measured[0], "end": last, "no_signal_iters_frac": float(np.mean([r["mixed_groups"] == 0 for r in rows])) if rows else float("nan"),
                "decisions_per_second": sum(r["moves"] for r in rows) / max(timing["rollout_s"], 1e-9),
-               **{k: round(v, 2) for k, v in timing.items()}, "wall_seconds": round(time.time() - start, 2),
+               **{k: round(v, 2) for k, v in timing.items()}, "wall_seconds": round(time.time() - begin, 2),
                "torch_threads": torch.get_num_threads(),   # over all iterations, under the advantage actually used:
                "over_run": {k: float(np.nanmean([r[k] for r in rows])) if rows else math.nan for k in ("adv_flawed_mean", "flawed_pos_adv_frac")}}
     return model, tokenizer, summary
 
-def run(s: Settings, out_dir: str, log=print) -> dict:
+def run(s: Settings, out_dir: str, log=print, start: dict | None = None) -> dict:
     """One training run: settings.json first, then metrics.jsonl as it goes, then policy/ and summary.json."""
     from transformers.utils import logging as hf_logging
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "settings.json"), "w") as f:
         json.dump(dataclasses.asdict(s), f, indent=1)
-    model, tokenizer, summary = train(s, out_dir, log)
+    model, tokenizer, summary = train(s, out_dir, log, start)
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar
     model.save_pretrained(os.path.join(out_dir, "policy"))
     tokenizer.save_pretrained(os.path.join(out_dir, "policy"))
@@ -744,26 +738,32 @@ def paired_interval(diffs: list[float]) -> str:
     half = t_975.get(len(d) - 1, 1.96) * d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
     return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
 
-def compare_run(job: tuple[Settings, str]) -> dict:
-    """One (arm, seed) run of --compare, in a worker process with its share of the CPU threads; a
-    finished run (summary.json written) is read back, not repeated."""
-    s, run_dir = job
+def compare_job(job: tuple[Settings, str, str]) -> dict:
+    """One (arm, seed) run of --compare, in a worker process with its share of the CPU threads, from the
+    seed's warm start (made by the first of its arms to start). A finished run is read back, not repeated."""
+    s, run_dir, warm_path = job
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // s.workers))
-    done = os.path.join(run_dir, "summary.json")
-    return json.load(open(done)) if os.path.exists(done) else run(s, run_dir, log=lambda line: None)
+    if os.path.exists(os.path.join(run_dir, "summary.json")):
+        return json.load(open(os.path.join(run_dir, "summary.json")))
+    if not os.path.exists(warm_path):
+        model, tokenizer = load_policy(s, resolve_device(s.device))
+        torch.save(warm_start(model.eval(), tokenizer, s, log=lambda line: None), f"{warm_path}.{os.getpid()}")
+        os.replace(f"{warm_path}.{os.getpid()}", warm_path)   # whole or absent, even if stopped or made twice at once
+    return run(s, run_dir, lambda line: None, torch.load(warm_path))
 
 def compare(s: Settings, out_dir: str) -> str:
-    """Train every arm on every seed with the same budget, `s.workers` runs at a time; write compare.md:
-    each arm's mean over seeds, and each other arm's paired difference to GRPO on the same seeds."""
+    """Train every arm on every seed with the same budget, `s.workers` runs at a time, a seed's arms from one warm
+    start; write compare.md: each arm's mean over seeds, and each other arm's paired difference to GRPO."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
     coef, w, tries = s.cls_coef or 0.5, s.step_credit_coef or 1.0, s.self_check or 3
-    keys, end = [(arm, seed) for arm in ARMS for seed in s.seeds], {}
+    keys, end = [(arm, seed) for arm in ARMS for seed in s.seeds], {}      # arm by arm: a seed's warm start is ready
     jobs = [(dataclasses.replace(s, seed=seed, cls_labels=ARMS[arm][0], cls_coef=coef * ARMS[arm][1], step_credit_coef=w * ARMS[arm][2],
-                                 self_check=tries, compare=False, render_every=0), os.path.join(out_dir, f"{arm}-seed{seed}"))
-            for arm, seed in keys]
+                                 self_check=tries, compare=False, render_every=0), os.path.join(out_dir, f"{arm}-seed{seed}"),
+             os.path.join(out_dir, f"warm-start-seed{seed}.pt")) for arm, seed in keys]   # the arms differ only after it
+    os.makedirs(out_dir, exist_ok=True)
     with ProcessPoolExecutor(s.workers, mp_context=get_context("spawn")) as pool:   # spawn: no forked torch threads
-        for (arm, seed), summary in zip(keys, pool.map(compare_run, jobs)):
+        for (arm, seed), summary in zip(keys, pool.map(compare_job, jobs)):
             end[arm, seed] = {**summary["end"], **summary["over_run"]}
             print(f"{arm} seed {seed}: " + ", ".join(f"{k} {end[arm, seed][k]:.3f}" for k in COLUMNS), flush=True)
     lines = [f"| arm (+cls: --cls-coef {coef}; gigpo: --step-credit-coef {w}; self-check K = {tries}) | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]

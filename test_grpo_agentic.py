@@ -445,13 +445,17 @@ def test_lr_schedule_warms_up_to_the_peak_then_decays_to_zero(dropout_run):
     assert [ga.learning_rate(it, 1.0, warmup=10, total=4) for it in range(1, 5)] == [0.1, 0.2, 0.3, 0.4]
 
 
-def test_same_seed_same_metrics_on_cpu(tmp_path):
+def test_same_seed_same_metrics_on_cpu_also_from_a_saved_warm_start(tmp_path):
+    """Bug caught: a run from --compare's shared warm start (saved, then loaded in another process)
+    that differs from the same run on its own -- say, the rng not carried over from the warm-up."""
     s = ga.Settings(**TINY, iters=3, eval_every=3)
     strip = lambda path: [{k: v for k, v in json.loads(l).items() if not k.endswith("_s")} for l in path.read_text().splitlines()]
-    for name in ("a", "b"):
+    model, tokenizer = ga.load_policy(s, torch.device("cpu"))
+    torch.save(ga.warm_start(model.eval(), tokenizer, s, log=lambda *_: None), tmp_path / "warm.pt")
+    for name, start in (("a", None), ("b", None), ("c", torch.load(tmp_path / "warm.pt"))):
         os.makedirs(tmp_path / name)
-        ga.train(s, str(tmp_path / name), log=lambda *_: None)
-    assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl")
+        ga.train(s, str(tmp_path / name), log=lambda *_: None, start=start)
+    assert strip(tmp_path / "a" / "metrics.jsonl") == strip(tmp_path / "b" / "metrics.jsonl") == strip(tmp_path / "c" / "metrics.jsonl")
 
 
 def test_byte_level_bpe_model_trains_end_to_end(tmp_path):
@@ -497,7 +501,8 @@ def test_cli_smoke_run_writes_outputs_without_warnings_and_the_policy_loads(tmp_
     assert "Warning" not in result.stderr and "deprecated" not in result.stderr, result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [1, 2, 3, 4]
-    assert set(ga.COLUMNS) <= rows[1].keys() and "cls_label_noise" in rows[0]
+    assert set(ga.COLUMNS) <= rows[3].keys() and "cls_label_noise" in rows[0]
+    assert set(ga.COLUMNS) - rows[1].keys() == {"eval_held_out_success_self_check"}   # the costly self-check: at the end only
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["iters"] == 4 and summary["end"]["eval_train_success"] == rows[3]["eval_train_success"]
     assert summary["no_signal_iters_frac"] == np.mean([r["mixed_groups"] == 0 for r in rows])   # the dead-iteration share
@@ -554,10 +559,13 @@ def test_compare_writes_paired_table_in_worker_processes_and_resumes(tmp_path, c
     assert len(settings) == 8 and settings["grpo-seed1"]["seed"] == 1 and settings["grpo-seed1"]["cls_coef"] == 0
     assert settings["grpo+cls-oracle-seed0"]["cls_labels"] == "oracle" and settings["grpo+cls-oracle-seed0"]["cls_coef"] == 0.5
     assert [settings[d]["step_credit_coef"] for d in ("grpo-seed0", "grpo+cls-oracle-seed0", "gigpo-seed1")] == [0, 0, 1]
-    assert {x["self_check"] for x in settings.values()} == {3}                   # every arm is also evaluated with it
-    written = {d: (tmp_path / d / "metrics.jsonl").stat().st_mtime_ns for d in settings}
+    assert {x["self_check"] for x in settings.values()} == {3}                   # every arm is also evaluated with it...
+    summary = json.loads((tmp_path / "gigpo-seed1" / "summary.json").read_text())
+    assert "eval_held_out_success_self_check" in summary["end"] and "eval_held_out_success_self_check" not in summary["start"]
+    files = [tmp_path / d / "metrics.jsonl" for d in settings] + [tmp_path / f"warm-start-seed{x}.pt" for x in (0, 1)]
+    written = {f: f.stat().st_mtime_ns for f in files}                         # one warm start per seed, shared by the arms
     assert ga.main([*args, "--overwrite"]) == 0                                   # resume: nothing is retrained
-    assert {d: (tmp_path / d / "metrics.jsonl").stat().st_mtime_ns for d in settings} == written
+    assert {f: f.stat().st_mtime_ns for f in files} == written
     assert (tmp_path / "compare.md").read_text().splitlines() == table
     capsys.readouterr()
 
