@@ -234,7 +234,7 @@ def rollout(model, tokenizer, layouts: list[str], group_size: int, s: Settings, 
     """Play `group_size` episodes on each layout, all at once. Returns (moves, rewards (B, G), envs).
     Only ids that spell ' move' + end-of-text exactly are a move; anything else (say 'left \\n \\n', which the
     lenient environment would parse) is off-format and moves nothing. Self-check: with a `judge(prompts,
-    actions) -> [ok, ...]`, a rejected move is resampled (temperature sampling), taken after `tries` tries."""
+    actions) -> [ok, ...]`, a rejected move is resampled (temperature sampling) up to `tries` times; the last stands."""
     formats = {tuple(action_ids_for(tokenizer, a)): a for a in toy_env.ACTIONS}
     envs = [toy_env.GridWorld.from_string(lay) for lay in layouts for _ in range(group_size)]
     observations = [env.reset() for env in envs]
