@@ -11,9 +11,9 @@ The reward is outcome-only: 1.0 when the agent stands on the goal within the ste
 
 Why it looks like this: every observation of a layout is the same grid with the ``A`` in another
 cell, so prompts of different states are near-identical and the action space is tiny. That is
-exactly where the *gradient coupling* of arXiv 2509.23870 lives (a step that reinforces a move in one
-state also reinforces it in its near-twin), so we add nothing (coordinates, hints) that would make
-states trivially distinguishable.
+exactly where the *gradient coupling* of arXiv 2509.23870 lives (a step that reinforces a move in
+one state also reinforces it in its near-twin), so we add nothing (coordinates, hints) that would
+make states trivially distinguishable.
 
 The oracle (breadth-first distances to the goal) labels each action good (it strictly lowers the
 distance) or flawed (a step away, a bump into a wall, text that is not an action). It feeds the
@@ -26,6 +26,7 @@ API (gym-like):
     sample_layouts("train" | "held_out", n, seed)  -> list of layout strings
 Every public function checks its arguments: bad ones raise ValueError with a clear message.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -36,24 +37,28 @@ ACTIONS = ("up", "down", "left", "right")
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 WALL, FLOOR, AGENT, GOAL = "#", ".", "A", "G"
 PROMPT_END = "action:"
-# Every word an observation or an action can contain: the default word-level tokenizer is built from it.
+# Every word an observation or an action can contain: the word-level tokenizer is built from it.
 VOCABULARY = (WALL, FLOOR, AGENT, GOAL, "\n", PROMPT_END) + ACTIONS
 
 # Same grid size in both splits (the tiny model learns absolute positions), but held-out layouts are
 # denser in walls, so detours are needed more often: our out-of-domain tasks. The wall-count ranges
 # do not overlap, so no held-out layout can ever be a train layout, for any seed.
 SPLITS = {
-    "train":    dict(rows=4, cols=4, min_walls=1, max_walls=3, split_id=0),
+    "train": dict(rows=4, cols=4, min_walls=1, max_walls=3, split_id=0),
     "held_out": dict(rows=4, cols=4, min_walls=4, max_walls=5, split_id=1),
 }
 BUDGET_SLACK = 2  # one step away (and back) or two bumps still succeed, a third wasted step fails
-MAX_LAYOUTS = 20_000    # per request; each split has tens of thousands of distinct layouts
-MIN_START_DISTANCE = 3  # shortest path from A to G in sampled layouts; shorter is too easy to teach anything
+MAX_LAYOUTS = 20_000  # per request; each split has tens of thousands of distinct layouts
+MIN_START_DISTANCE = (
+    3  # shortest path from A to G in sampled layouts; shorter is too easy to teach anything
+)
+
 
 def parse_action(text) -> str | None:
     """The action named by `text`, or None. Lenient about case and surrounding whitespace only."""
     word = text.strip().lower() if isinstance(text, str) else None
     return word if word in MOVES else None
+
 
 def bfs_distances(walls: list[list[bool]], goal: tuple[int, int]) -> dict[tuple[int, int], int]:
     """Shortest-path distance (in moves) from every cell that can reach `goal`."""
@@ -69,17 +74,27 @@ def bfs_distances(walls: list[list[bool]], goal: tuple[int, int]) -> dict[tuple[
                 queue.append((nr, nc))
     return dist
 
-class GridWorld:
-    """One layout: walls, a goal, the agent's start. Default step budget: shortest path + BUDGET_SLACK."""
 
-    def __init__(self, walls: list[list[bool]], start: tuple[int, int], goal: tuple[int, int], max_steps: int | None = None):
+class GridWorld:
+    """One layout: walls, a goal, the agent's start. Budget: shortest path + BUDGET_SLACK."""
+
+    def __init__(
+        self,
+        walls: list[list[bool]],
+        start: tuple[int, int],
+        goal: tuple[int, int],
+        max_steps: int | None = None,
+    ):
         if not walls or not walls[0] or any(len(row) != len(walls[0]) for row in walls):
             raise ValueError("walls must be a non-empty rectangular list of rows")
         self.walls, self.goal = walls, goal
         self.rows, self.cols = len(walls), len(walls[0])
         for name, pos in (("goal", goal), ("start", start)):
             if not self.is_floor(pos):
-                raise ValueError(f"the {name} {pos!r} is not a (row, col) floor cell of the {self.rows}x{self.cols} grid")
+                raise ValueError(
+                    f"the {name} {pos!r} is not a (row, col) floor cell "
+                    f"of the {self.rows}x{self.cols} grid"
+                )
         self.distance = bfs_distances(walls, goal)  # the oracle
         if start not in self.distance:
             raise ValueError("the goal is unreachable from the agent's start")
@@ -88,7 +103,10 @@ class GridWorld:
             raise ValueError(f"max_steps must be a positive integer, got {max_steps!r}")
         self.max_steps = max_steps if max_steps is not None else self.distance[start] + BUDGET_SLACK
         if self.distance[start] > self.max_steps:
-            raise ValueError(f"the goal is {self.distance[start]} moves away but the budget is {self.max_steps} steps")
+            raise ValueError(
+                f"the goal is {self.distance[start]} moves away "
+                f"but the budget is {self.max_steps} steps"
+            )
         self.reset()
 
     @classmethod
@@ -101,10 +119,14 @@ class GridWorld:
         walls, agents, goals = [], [], []
         for r, line in enumerate(lines):
             if len(line) != width:
-                raise ValueError(f"layout rows are ragged: row {r} has {len(line)} cells, row 0 has {width}")
+                raise ValueError(
+                    f"layout rows are ragged: row {r} has {len(line)} cells, row 0 has {width}"
+                )
             for c, ch in enumerate(line):
                 if ch not in (WALL, FLOOR, AGENT, GOAL):
-                    raise ValueError(f"unknown character {ch!r} at row {r}, column {c} (allowed: # . A G)")
+                    raise ValueError(
+                        f"unknown character {ch!r} at row {r}, column {c} (allowed: # . A G)"
+                    )
                 agents += [(r, c)] if ch == AGENT else []
                 goals += [(r, c)] if ch == GOAL else []
             walls.append([ch == WALL for ch in line])
@@ -115,22 +137,40 @@ class GridWorld:
         return cls(walls, agents[0], goals[0], max_steps)
 
     def is_floor(self, pos) -> bool:
-        return (isinstance(pos, tuple) and len(pos) == 2 and all(isinstance(x, int) for x in pos)
-                and 0 <= pos[0] < self.rows and 0 <= pos[1] < self.cols and not self.walls[pos[0]][pos[1]])
+        return (
+            isinstance(pos, tuple)
+            and len(pos) == 2
+            and all(isinstance(x, int) for x in pos)
+            and 0 <= pos[0] < self.rows
+            and 0 <= pos[1] < self.cols
+            and not self.walls[pos[0]][pos[1]]
+        )
 
     def check_pos(self, pos) -> tuple[int, int]:
-        """`pos` itself if the agent can stand there: a floor cell from which the goal is reachable."""
+        """`pos` itself if the agent can stand there: a floor cell that can reach the goal."""
         if not (self.is_floor(pos) and pos in self.distance):
-            raise ValueError(f"{pos!r} is not a (row, col) floor cell of this layout from which the goal is reachable")
+            raise ValueError(
+                f"{pos!r} is not a (row, col) floor cell of this layout "
+                "from which the goal is reachable"
+            )
         return pos
 
     def to_string(self, agent: tuple[int, int] | None = None) -> str:
         """The layout as `from_string` reads it, with the agent at `agent` (default: the start)."""
         agent = self.start if agent is None else self.check_pos(agent)
         return "\n".join(
-            "".join(AGENT if (r, c) == agent else GOAL if (r, c) == self.goal else WALL if self.walls[r][c] else FLOOR
-                    for c in range(self.cols))
-            for r in range(self.rows))
+            "".join(
+                AGENT
+                if (r, c) == agent
+                else GOAL
+                if (r, c) == self.goal
+                else WALL
+                if self.walls[r][c]
+                else FLOOR
+                for c in range(self.cols)
+            )
+            for r in range(self.rows)
+        )
 
     def observation(self, agent: tuple[int, int] | None = None) -> str:
         """The text the policy reads: the grid, cells separated by spaces, then 'action:'."""
@@ -162,7 +202,7 @@ class GridWorld:
         return [a for a in ACTIONS if self.is_good(a, pos)]
 
     def step(self, action_text) -> tuple[str, float, bool, dict]:
-        """Apply free-text `action_text`. Unparseable text: the agent stays, the step still counts."""
+        """Apply free-text `action_text`. Unparseable text: the agent stays; the step counts."""
         if self.done:
             raise RuntimeError("the episode is over; call reset()")
         action = parse_action(action_text)
@@ -172,12 +212,15 @@ class GridWorld:
         self.steps += 1
         success = self.pos == self.goal
         self.done = success or self.steps >= self.max_steps
-        info = dict(valid=action is not None, good=good, success=success, action=action, steps=self.steps)
+        info = dict(
+            valid=action is not None, good=good, success=success, action=action, steps=self.steps
+        )
         return self.observation(), float(success), self.done, info
 
     def free_cells(self) -> list[tuple[int, int]]:
         """Cells the agent can stand on that can reach the goal, goal excluded (for the warm-up)."""
         return sorted(p for p in self.distance if p != self.goal)
+
 
 def _check_args(split, n, seed) -> None:
     if split not in SPLITS:
@@ -186,6 +229,7 @@ def _check_args(split, n, seed) -> None:
         raise ValueError(f"n must be an integer from 0 to {MAX_LAYOUTS}, got {n!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+
 
 # ---- layouts -------------------------------------------------------------------------------------
 def random_layout(rng: np.random.Generator, rows: int, cols: int, num_walls: int) -> str | None:
@@ -200,15 +244,20 @@ def random_layout(rng: np.random.Generator, rows: int, cols: int, num_walls: int
         return None
     return GridWorld(walls, start, goal).to_string()
 
+
 def sample_layouts(split: str, n: int, seed: int) -> list[str]:
     """`n` distinct solvable layouts of `split` ("train" or "held_out"), deterministic in `seed`."""
     _check_args(split, n, seed)
     spec = SPLITS[split]
-    rng = np.random.default_rng([seed, spec["split_id"]])  # one independent stream per (seed, split)
+    rng = np.random.default_rng(
+        [seed, spec["split_id"]]
+    )  # one independent stream per (seed, split)
     layouts, seen, misses = [], set(), 0
     while len(layouts) < n:
         if misses > 20_000:  # a finite grid has finitely many layouts: never loop for ever
-            raise ValueError(f"found only {len(layouts)} distinct {split} layouts, {n} were asked for")
+            raise ValueError(
+                f"found only {len(layouts)} distinct {split} layouts, {n} were asked for"
+            )
         num_walls = int(rng.integers(spec["min_walls"], spec["max_walls"] + 1))
         layout = random_layout(rng, spec["rows"], spec["cols"], num_walls)
         misses = misses + 1 if layout is None or layout in seen else 0
@@ -217,6 +266,7 @@ def sample_layouts(split: str, n: int, seed: int) -> list[str]:
             layouts.append(layout)
     return layouts
 
+
 def split_of(layout: str) -> str:
     """Which split a layout belongs to, from its wall count (the splits' ranges are disjoint)."""
     walls = layout.count(WALL) if isinstance(layout, str) else -1
@@ -224,6 +274,7 @@ def split_of(layout: str) -> str:
         if spec["min_walls"] <= walls <= spec["max_walls"]:
             return name
     return "neither"
+
 
 def coupled_pairs(split: str, n: int, seed: int) -> list[tuple[str, str, str]]:
     """`n` (layout_good, layout_flawed, action) triples for the gradient-coupling probe.

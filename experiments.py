@@ -1,0 +1,547 @@
+"""The lab beside the reference: arms over seeds, paired intervals, tables, plots, controls.
+
+    python experiments.py compare --out-dir results/compare     # 4 arms x 5 seeds, ~25 min, 2 cores
+    python experiments.py plot results/compare                   # compare.png (needs matplotlib)
+    python experiments.py self-check-control results/compare     # verdict vs a coin, same rate
+    python experiments.py probe-baselines results/default        # what the coupling probe reads
+    python experiments.py label-noise results/default            # advantage labels vs the oracle
+
+`compare` trains every arm on every seed with the same budget: GRPO, GRPO + the actor's own
+classification (GCD) with advantage labels and with oracle labels, and GiGPO. A seed fixes the
+initialisation, the rollouts and the layouts (train and held-out sets are drawn with the seed as
+their data seed), so the arms of one seed share everything up to the warm start, which is made
+once per seed and reused. Differences between arms are paired by seed, with 95 % Student-t
+intervals. Any flag of grpo_agentic.py applies to every arm (e.g. --iters 50).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import grpo_agentic as ga
+import toy_env
+
+# ---- Statistics ---------------------------------------------------------------------------------
+
+
+def student_t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p > 0.5) of Student's t with `df` degrees of freedom, by bisection on its
+    CDF, which is integrated numerically (Simpson's rule) from the density
+
+        f(t) = c * (1 + t^2 / df)^(-(df + 1) / 2),
+        c    = Gamma((df + 1) / 2) / (sqrt(df * pi) * Gamma(df / 2))
+
+    >>> round(student_t_quantile(0.975, 4), 3), round(student_t_quantile(0.975, 10), 3)
+    (2.776, 2.228)
+    """
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x: float) -> float:
+        t = np.linspace(0.0, x, 4001)  # an even number of intervals for Simpson's rule
+        density = np.exp(log_norm - (df + 1) / 2 * np.log1p(t**2 / df))
+        h = x / 4000
+        integral = h / 3 * (density[0] + density[-1] + 4 * density[1:-1:2].sum())
+        integral += h / 3 * 2 * density[2:-1:2].sum()
+        return 0.5 + integral
+
+    low, high = 0.0, 1000.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        if cdf(middle) < p:
+            low = middle
+        else:
+            high = middle
+    return (low + high) / 2
+
+
+def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean of per-seed paired differences and its 95 % t-interval,
+
+        mean +- t_{0.975, n-1} * sd(diffs, ddof=1) / sqrt(n)
+
+    >>> [round(x, 3) for x in paired_interval([0.1, 0.2, 0.3])]
+    [0.2, -0.048, 0.448]
+    """
+    d = np.asarray(diffs, dtype=float)
+    if len(d) < 2:
+        return float(d.mean()), math.nan, math.nan
+    half = student_t_quantile(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def show_interval(diffs: list[float]) -> str:
+    mean, low, high = paired_interval(diffs)
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+# ---- The comparison -----------------------------------------------------------------------------
+# arm -> the settings that make it, on top of the shared ones
+ARMS = {
+    "grpo": {},
+    "grpo+cls-advantage": {"cls_coef": 0.5, "cls_labels": "advantage"},
+    "grpo+cls-oracle": {"cls_coef": 0.5, "cls_labels": "oracle"},
+    "gigpo": {"step_credit_coef": 1.0},
+}
+ARM_FIELDS = ("cls_coef", "cls_labels", "step_credit_coef")
+NOT_PART_OF_A_RUN = ("out_dir", "overwrite", "device")  # where and how, not what
+TABLES = {
+    "Credit: what the advantage says about flawed moves (over all iterations)": (
+        "adv_flawed_mean",
+        "adv_abs_mean",
+        "adv_flawed_rel",
+        "flawed_pos_adv_frac",
+    ),
+    "The chain, link by link (end of training)": (
+        "cls_bacc_train",
+        "cls_bacc_held_out",
+        "hidden_cos",
+        "hidden_cos_move",
+        "hidden_cos_centred",
+        "coupling_cos",
+        "coupling_ratio",
+        "p_flawed",
+    ),
+    "Success, greedy, and with the self-check (end of training)": (
+        "eval_train_success",
+        "eval_held_out_success",
+        "eval_held_out_success_self_check",
+    ),
+}
+
+
+@dataclass
+class Lab:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "seeds"})
+    workers: int = field(default=2, metadata={"help": "runs at once, each in its own process"})
+    self_check_tries: int = field(default=3, metadata={"help": "K of the self-check of every arm"})
+
+    def __post_init__(self):
+        if (
+            not self.seeds
+            or any(x < 0 for x in self.seeds)
+            or len(set(self.seeds)) < len(self.seeds)
+        ):
+            raise ValueError(f"--seeds must be distinct integers >= 0, got {self.seeds}")
+        if self.workers < 1 or self.self_check_tries < 1:
+            raise ValueError("--workers and --self-check-tries must be >= 1")
+
+
+def job_settings(s: ga.Settings, arm: str, seed: int, out_dir: str) -> ga.Settings:
+    """The settings of one (arm, seed) run: the seed also draws the layouts."""
+    arm_settings = {"cls_coef": 0.0, "cls_labels": "advantage", "step_credit_coef": 0.0}
+    arm_settings.update(ARMS[arm])
+    return dataclasses.replace(
+        s,
+        seed=seed,
+        data_seed=seed,
+        render_every=0,
+        out_dir=os.path.join(out_dir, f"{arm}-seed{seed}"),
+        **arm_settings,
+    )
+
+
+def what_makes(settings: dict, leave_out: tuple = ()) -> dict:
+    """The fields of a settings dict that decide a run's outcome."""
+    return {k: v for k, v in settings.items() if k not in NOT_PART_OF_A_RUN + leave_out}
+
+
+def differences(wanted: dict, found: dict) -> str:
+    keys = sorted(set(wanted) | set(found))
+    return ", ".join(
+        f"{k} {wanted.get(k)!r} here, {found.get(k)!r} there"
+        for k in keys
+        if wanted.get(k) != found.get(k)
+    )
+
+
+def check_existing(jobs: list[ga.Settings], warm_paths: dict[int, str]) -> None:
+    """Refuse to resume from finished runs or warm starts made with other settings."""
+    for job in jobs:
+        path = os.path.join(job.out_dir, "settings.json")
+        if os.path.exists(os.path.join(job.out_dir, "summary.json")):
+            with open(path) as f:
+                found = what_makes(json.load(f))
+            wanted = what_makes(json.loads(json.dumps(dataclasses.asdict(job))))
+            if found != wanted:
+                raise ValueError(
+                    f"{job.out_dir} was made with other settings ({differences(wanted, found)}); "
+                    "choose another --out-dir or delete that run"
+                )
+    for job in jobs:
+        warm_path = warm_paths[job.seed]
+        if os.path.exists(warm_path):
+            found = torch.load(warm_path, map_location="cpu")["settings"]
+            wanted = what_makes(dataclasses.asdict(job), ARM_FIELDS + ("self_check",))
+            if what_makes(found, ARM_FIELDS + ("self_check",)) != wanted:
+                raise ValueError(
+                    f"{warm_path} was made with other settings ({differences(wanted, found)}); "
+                    "choose another --out-dir or delete it"
+                )
+
+
+def compare_job(job: tuple[ga.Settings, str, int]) -> dict:
+    """One (arm, seed) run, in a worker process with its share of the CPU threads, from the seed's
+    warm start (made by the first of its arms to start). A finished run is read back."""
+    s, warm_path, workers = job
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    summary_path = os.path.join(s.out_dir, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            return json.load(f)
+    device = ga.resolve_device(s.device)
+    if not os.path.exists(warm_path):
+        model, tokenizer = ga.load_policy(s, device)
+        start = ga.warm_start(model.eval(), tokenizer, s, log=lambda line: None)
+        start["settings"] = dataclasses.asdict(s)
+        partial = f"{warm_path}.{os.getpid()}"
+        torch.save(start, partial)
+        os.replace(partial, warm_path)  # whole or absent, even if stopped or made twice at once
+    start = torch.load(warm_path, map_location=device)  # a warm start from CUDA resumes on CPU
+    return ga.run(s, s.out_dir, lambda line: None, start)
+
+
+def end_values(summary: dict) -> dict:
+    """The numbers a table reads from one run: its end, and its credit over the run."""
+    over_run = summary["over_run"]
+    values = {**summary["end"], **over_run}
+    scale = over_run["adv_abs_mean"]  # mean |A|: 0 when no move had any credit
+    values["adv_flawed_rel"] = over_run["adv_flawed_mean"] / scale if scale else math.nan
+    return values
+
+
+def tables(end: dict, start: dict, seeds: list[int]) -> str:
+    """compare.md: for each table, each arm's mean over seeds, then paired differences."""
+    arms = list(ARMS)
+    out = []
+    for title, keys in TABLES.items():
+        out += [f"### {title}", "", "| metric | " + " | ".join(arms) + " |"]
+        out.append("|---" * (len(arms) + 1) + "|")
+        for key in keys:
+            means = [np.mean([end[arm, x][key] for x in seeds]) for arm in arms]
+            out.append(f"| {key} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+        out += ["", "| paired difference | " + " | ".join(f"{a} - grpo" for a in arms[1:])]
+        out[-1] += " | grpo: end - start |" if "chain" in title else " |"
+        out.append("|---" * (len(arms) + (1 if "chain" in title else 0)) + "|")
+        for key in keys:
+            cells = [
+                show_interval([end[a, x][key] - end["grpo", x][key] for x in seeds])
+                for a in arms[1:]
+            ]
+            if "chain" in title:
+                cells.append(
+                    show_interval([end["grpo", x][key] - start["grpo", x][key] for x in seeds])
+                )
+            out.append(f"| {key} | " + " | ".join(cells) + " |")
+        out.append("")
+    out.append(
+        f"Seeds {' '.join(map(str, seeds))}, each with its own layouts (data seed = seed); "
+        "means over seeds; differences paired by seed, mean [95 % t-interval]."
+    )
+    return "\n".join(out) + "\n"
+
+
+def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
+    """Every arm on every seed, `lab.workers` runs at a time; writes and returns compare.md."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    s = dataclasses.replace(s, self_check=lab.self_check_tries)
+    keys = [(arm, seed) for arm in ARMS for seed in lab.seeds]  # arm by arm: warm starts first
+    jobs = [job_settings(s, arm, seed, out_dir) for arm, seed in keys]
+    warm_paths = {x: os.path.join(out_dir, f"warm-start-seed{x}.pt") for x in lab.seeds}
+    check_existing(jobs, warm_paths)
+    os.makedirs(out_dir, exist_ok=True)
+    end, start = {}, {}
+    work = [(job, warm_paths[job.seed], lab.workers) for job in jobs]
+    with ProcessPoolExecutor(lab.workers, mp_context=get_context("spawn")) as pool:  # no fork
+        for key, summary in zip(keys, pool.map(compare_job, work)):
+            end[key] = end_values(summary)
+            start[key] = summary["start"]
+            shown = ", ".join(f"{k} {end[key][k]:.3f}" for k in TABLES[list(TABLES)[2]])
+            print(f"{key[0]} seed {key[1]}: {shown}", flush=True)
+    table = tables(end, start, lab.seeds)
+    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+        f.write(table)
+    return table
+
+
+def plot(out_dir: str) -> str:
+    """compare.png: the chain over training (iteration 0: after the warm-up), mean over seeds."""
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError(
+            "plot needs matplotlib (not a run-time dependency): pip install matplotlib"
+        )
+    keys = ("cls_bacc_held_out", "hidden_cos_centred", "coupling_cos", "eval_held_out_success")
+    fig, axes = plt.subplots(1, len(keys), figsize=(17, 3.8))
+    finished = [d for d in sorted(os.listdir(out_dir)) if os.path.exists(summary_path(out_dir, d))]
+    for arm in sorted({d.rsplit("-seed", 1)[0] for d in finished}):
+        curves = []
+        for d in (d for d in finished if d.rsplit("-seed", 1)[0] == arm):
+            with open(summary_path(out_dir, d)) as f:
+                curve = [{"iter": 0, **json.load(f)["start"]}]
+            with open(os.path.join(out_dir, d, "metrics.jsonl")) as f:
+                curve += [row for row in map(json.loads, f) if "coupling_cos" in row]  # measured
+            curves.append(curve)
+        for ax, key in zip(axes, keys):
+            mean = np.mean([[row[key] for row in curve] for curve in curves], axis=0)
+            label = f"{arm} ({len(curves)} seeds)"
+            ax.plot([row["iter"] for row in curves[0]], mean, marker="o", label=label)
+            ax.set_xlabel("GRPO iteration")
+            ax.set_title(key)
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "compare.png")
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def summary_path(out_dir: str, run: str) -> str:
+    return os.path.join(out_dir, run, "summary.json")
+
+
+# ---- Controls and baselines on saved runs -------------------------------------------------------
+def settings_of(run_dir: str) -> ga.Settings:
+    """The Settings a run was made with, read from its settings.json."""
+    with open(os.path.join(run_dir, "settings.json")) as f:
+        saved = json.load(f)
+    known = {f.name for f in dataclasses.fields(ga.Settings)}
+    return ga.Settings(**{k: v for k, v in saved.items() if k in known})
+
+
+def saved_policy(run_dir: str):
+    """(model in eval mode, tokenizer, settings) of a finished run, on the CPU."""
+    s = settings_of(run_dir)
+    policy = dataclasses.replace(s, model=os.path.join(run_dir, "policy"))
+    model, tokenizer = ga.load_policy(policy, torch.device("cpu"))
+    return model.eval(), tokenizer, s
+
+
+@torch.no_grad()
+def held_out_success(model, tokenizer, s: ga.Settings, judge=None, tries: int = 0) -> float:
+    """Greedy success on the run's held-out layouts, seeded as ga.evaluate seeds it."""
+    generator = torch.Generator().manual_seed(s.seed)
+    layouts = ga.task_sets(s)[1]["held_out"]
+    _, rewards, _ = ga.rollout(
+        model,
+        tokenizer,
+        layouts,
+        1,
+        s.max_action_tokens,
+        s.temperature,
+        greedy=True,
+        generator=generator,
+        judge=judge,
+        tries=tries,
+    )
+    return rewards.mean().item()
+
+
+def self_check_control(run_dir: str) -> dict:
+    """Held-out success three ways: plain greedy; the self-check (the verdict rejects, the move is
+    resampled up to K times); and the same resampling decided by a coin that rejects at the
+    verdict's own rate -- as much resampling, no judgement in it."""
+    model, tokenizer, s = saved_policy(run_dir)
+    counts = {"judged": 0, "rejected": 0}
+
+    def verdict(prompts, actions):
+        scores = ga.verdict_logits(model, tokenizer, prompts, actions)
+        ok = (scores.argmax(1) == ga.GOOD).tolist()
+        counts["judged"] += len(ok)
+        counts["rejected"] += ok.count(False)
+        return ok
+
+    out = {"none": held_out_success(model, tokenizer, s)}
+    out["verdict"] = held_out_success(model, tokenizer, s, verdict, s.self_check)
+    out["reject_rate"] = counts["rejected"] / max(counts["judged"], 1)
+    coin = np.random.default_rng(s.seed)
+
+    def coin_judge(prompts, actions):
+        return (coin.random(len(prompts)) >= out["reject_rate"]).tolist()
+
+    out["random"] = held_out_success(model, tokenizer, s, coin_judge, s.self_check)
+    return out
+
+
+def self_check_control_table(compare_dir: str) -> str:
+    runs = [
+        d for d in sorted(os.listdir(compare_dir)) if os.path.exists(summary_path(compare_dir, d))
+    ]
+    results = {}
+    for d in runs:
+        results[d] = self_check_control(os.path.join(compare_dir, d))
+        print(f"{d}: " + ", ".join(f"{k} {v:.3f}" for k, v in results[d].items()), flush=True)
+    lines = [
+        "| arm | verdict rejects | none | verdict | coin (same rate) "
+        "| verdict - none | coin - none | verdict - coin |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for arm in dict.fromkeys(d.rsplit("-seed", 1)[0] for d in runs):
+        rs = [r for d, r in results.items() if d.rsplit("-seed", 1)[0] == arm]
+
+        def mean(key):
+            return np.mean([r[key] for r in rs])
+
+        def diff(a, b):
+            return show_interval([r[a] - r[b] for r in rs])
+
+        lines.append(
+            f"| {arm} | {mean('reject_rate'):.0%} | {mean('none'):.3f} | {mean('verdict'):.3f} "
+            f"| {mean('random'):.3f} | {diff('verdict', 'none')} | {diff('random', 'none')} "
+            f"| {diff('verdict', 'random')} |"
+        )
+    lines.append(f"\n{len(rs)} seeds per arm; paired by seed, mean [95 % t-interval].")
+    return "\n".join(lines)
+
+
+def probe_rows(model, tokenizer, s: ga.Settings) -> dict:
+    """The coupling probe on its coupled pairs, on unrelated pairs, and on another move."""
+
+    def observation(layout):
+        return toy_env.GridWorld.from_string(layout).observation()
+
+    triples = toy_env.coupled_pairs("train", s.probe_pairs, s.data_seed)
+    coupled = [(observation(g), observation(f), a) for g, f, a in triples]
+    layouts = toy_env.sample_layouts("train", 2 * s.probe_pairs, seed=s.data_seed + 1)
+    unrelated = [
+        (observation(layouts[2 * k]), observation(layouts[2 * k + 1]), a)
+        for k, (_, _, a) in enumerate(triples)
+    ]
+    rows = {
+        "coupled": ga.coupling_probe(model, tokenizer, coupled),
+        "unrelated": ga.coupling_probe(model, tokenizer, unrelated),
+    }
+    params = list(model.parameters())
+
+    def grad(obs, action):
+        logp = ga.action_logprobs(model, tokenizer, [obs], [action])[0]
+        return torch.cat([g.flatten() for g in torch.autograd.grad(logp, params)])
+
+    cosines = []
+    for obs, _, action in coupled:
+        other = next(a for a in toy_env.ACTIONS if a != action)
+        cos = torch.nn.functional.cosine_similarity(grad(obs, action), grad(obs, other), dim=0)
+        cosines.append(cos.item())
+    rows["other move"] = {"coupling_cos": float(np.mean(cosines))}
+    return rows
+
+
+def probe_baselines(run_dir: str) -> str:
+    """The probe at the start of RL (the run's warm-up, redone) and on the final policy."""
+    s = settings_of(run_dir)
+    model, tokenizer = ga.load_policy(dataclasses.replace(s, model=""), torch.device("cpu"))
+    model.eval()
+    ga.warm_start(model, tokenizer, s, log=lambda line: None)  # the run's policy at iteration 0
+    start = probe_rows(model, tokenizer, s)
+    final, tokenizer, _ = saved_policy(run_dir)
+    end = probe_rows(final, tokenizer, s)
+    lines = [
+        "| pairs | coupling_cos start -> end | coupling_ratio start -> end "
+        "| hidden_cos start -> end |",
+        "|---|---|---|---|",
+    ]
+    for kind in start:
+        cells = [
+            f"{start[kind][k]:.3f} -> {end[kind][k]:.3f}" if k in start[kind] else "--"
+            for k in ("coupling_cos", "coupling_ratio", "hidden_cos")
+        ]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def label_noise(run_dir: str, iters: int = 20) -> str:
+    """How often the advantage labels (--cls-labels advantage) agree with the oracle, on `iters`
+    iterations of rollouts of the run's final policy on its train layouts (no training)."""
+    model, tokenizer, s = saved_policy(run_dir)
+    pool, _ = ga.task_sets(s)
+    rng = np.random.default_rng(s.seed)
+    generator = torch.Generator().manual_seed(s.seed)
+    counts = np.zeros((2, 2), dtype=int)  # [label good?][oracle good?]
+    for _ in range(iters):
+        picked = rng.choice(len(pool), size=s.tasks_per_iter, replace=False)
+        moves, rewards, _ = ga.rollout(
+            model,
+            tokenizer,
+            [pool[k] for k in picked],
+            s.group_size,
+            s.max_action_tokens,
+            s.temperature,
+            generator=generator,
+        )
+        advantages = ga.move_advantages(rewards, [m.episode for m in moves])
+        for m, a in zip(moves, advantages.tolist()):
+            if a != 0:
+                counts[int(a > 0), int(m.good)] += 1
+    n = counts.sum()
+    episodes = f"{s.tasks_per_iter} x {s.group_size} episodes"
+    return "\n".join(
+        [
+            f"{n} labelled moves from {iters} iterations of {episodes} ({run_dir}/policy)",
+            f"label 'good' (A > 0): {counts[1].sum()} moves, "
+            f"{counts[1, 1] / counts[1].sum():.0%} of them good by the oracle",
+            f"label 'bad'  (A < 0): {counts[0].sum()} moves, "
+            f"{counts[0, 0] / counts[0].sum():.0%} of them flawed by the oracle",
+            f"disagreement with the oracle: {(counts[0, 1] + counts[1, 0]) / n:.1%}",
+        ]
+    )
+
+
+# ---- Command line -------------------------------------------------------------------------------
+COMMANDS = ("compare", "plot", "self-check-control", "probe-baselines", "label-noise")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python experiments.py {{{','.join(COMMANDS)}}} ...\n\n{__doc__}")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "compare":
+            parser = ga.HfArgumentParser((ga.Settings, Lab), prog="experiments.py compare")
+
+            def one_line_error(message: str):
+                parser.exit(2, f"experiments.py compare: error: {message}\n")
+
+            parser.error = one_line_error
+            try:
+                s, lab = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
+            except ValueError as e:
+                parser.error(str(e))
+            if not s.out_dir:
+                parser.error("--out-dir is required")
+            if os.path.exists(os.path.join(s.out_dir, "compare.md")) and not s.overwrite:
+                parser.error(
+                    f"{s.out_dir} already holds a comparison; pass --overwrite to resume it "
+                    "(finished runs with the same settings are read back, not repeated)"
+                )
+            print(compare(s, lab, s.out_dir))
+        elif len(rest) != 1 or not os.path.isdir(rest[0]):
+            print(f"experiments.py {command}: error: give one existing directory", file=sys.stderr)
+            return 2
+        elif command == "plot":
+            print(f"wrote {plot(rest[0])}")
+        elif command == "self-check-control":
+            print(self_check_control_table(rest[0]))
+        elif command == "probe-baselines":
+            print(probe_baselines(rest[0]))
+        else:
+            print(label_noise(rest[0]))
+    except (OSError, ValueError, ImportError) as e:
+        print(f"experiments.py {command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
