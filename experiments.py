@@ -11,7 +11,9 @@ classification (GCD) with advantage labels and with oracle labels, and GiGPO. A 
 initialisation, the rollouts and the layouts (train and held-out sets are drawn with the seed as
 their data seed), so the arms of one seed share everything up to the warm start, which is made
 once per seed and reused. Differences between arms are paired by seed, with 95 % Student-t
-intervals. Any flag of grpo_agentic.py applies to every arm (e.g. --iters 50).
+intervals. The flags of grpo_agentic.py apply to every arm (e.g. --iters 50), except those the
+comparison sets per arm and seed (--seed, --data-seed, --cls-coef, --cls-labels,
+--step-credit-coef, --self-check): use --seeds, --gcd-coef, --gigpo-coef, --self-check-tries.
 """
 
 from __future__ import annotations
@@ -83,74 +85,104 @@ def show_interval(diffs: list[float]) -> str:
 
 
 # ---- The comparison -----------------------------------------------------------------------------
-# arm -> the settings that make it, on top of the shared ones
-ARMS = {
-    "grpo": {},
-    "grpo+cls-advantage": {"cls_coef": 0.5, "cls_labels": "advantage"},
-    "grpo+cls-oracle": {"cls_coef": 0.5, "cls_labels": "oracle"},
-    "gigpo": {"step_credit_coef": 1.0},
-}
-ARM_FIELDS = ("cls_coef", "cls_labels", "step_credit_coef")
+ARMS = ("grpo", "grpo+cls-advantage", "grpo+cls-oracle", "gigpo")
+SET_PER_ARM = ("seed", "data_seed", "cls_coef", "cls_labels", "step_credit_coef", "self_check")
 NOT_PART_OF_A_RUN = ("out_dir", "overwrite", "device")  # where and how, not what
-TABLES = {
-    "Credit: what the advantage says about flawed moves (over all iterations)": (
-        "adv_flawed_mean",
-        "adv_abs_mean",
-        "adv_flawed_rel",
-        "flawed_pos_adv_frac",
-    ),
-    "The chain, link by link (end of training)": (
-        "cls_bacc_train",
-        "cls_bacc_held_out",
-        "hidden_cos",
-        "hidden_cos_move",
-        "hidden_cos_centred",
-        "coupling_cos",
-        "coupling_ratio",
-        "p_flawed",
-    ),
-    "Success, greedy, and with the self-check (end of training)": (
-        "eval_train_success",
-        "eval_held_out_success",
-        "eval_held_out_success_self_check",
-    ),
-}
+WARM_START_FIELDS = (  # everything the supervised warm-up depends on
+    "seed",
+    "data_seed",
+    "train_tasks",
+    "sft_steps",
+    "sft_lr",
+    "sft_batch",
+    "model",
+    "tiny_layers",
+    "tiny_dim",
+    "max_action_tokens",
+)
+CREDIT = ("adv_flawed_mean", "adv_abs_mean", "adv_flawed_rel", "flawed_pos_adv_frac")
+CHAIN = (
+    "cls_bacc_train",
+    "cls_bacc_held_out",
+    "hidden_cos",
+    "hidden_cos_move",
+    "hidden_cos_centred",
+    "coupling_cos",
+    "coupling_ratio",
+    "p_flawed",
+)
+SUCCESS = ("eval_train_success", "eval_held_out_success", "eval_held_out_success_self_check")
+TABLES = (  # (title, metrics, with GRPO's own change from start to end as a yardstick?)
+    ("Credit: what the advantage says about flawed moves (over all iterations)", CREDIT, False),
+    ("The chain, link by link (end of training)", CHAIN, True),
+    ("Success, greedy, and with the self-check (end of training)", SUCCESS, False),
+)
 
 
 @dataclass
 class Lab:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "seeds"})
     workers: int = field(default=2, metadata={"help": "runs at once, each in its own process"})
-    self_check_tries: int = field(default=3, metadata={"help": "K of the self-check of every arm"})
+    gcd_coef: float = field(default=0.5, metadata={"help": "--cls-coef of the two GCD arms"})
+    gigpo_coef: float = field(default=1.0, metadata={"help": "--step-credit-coef of GiGPO"})
+    self_check_tries: int = field(default=3, metadata={"help": "K of every arm's self-check"})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "go on with an --out-dir that holds runs: finished ones are read back"},
+    )
 
     def __post_init__(self):
-        if (
-            not self.seeds
-            or any(x < 0 for x in self.seeds)
-            or len(set(self.seeds)) < len(self.seeds)
-        ):
+        distinct = len(set(self.seeds)) == len(self.seeds)
+        if not self.seeds or any(x < 0 for x in self.seeds) or not distinct:
             raise ValueError(f"--seeds must be distinct integers >= 0, got {self.seeds}")
         if self.workers < 1 or self.self_check_tries < 1:
             raise ValueError("--workers and --self-check-tries must be >= 1")
+        if not (self.gcd_coef > 0 and self.gigpo_coef > 0):
+            raise ValueError("--gcd-coef and --gigpo-coef must be > 0")
 
 
-def job_settings(s: ga.Settings, arm: str, seed: int, out_dir: str) -> ga.Settings:
+def arm_settings(arm: str, lab: Lab) -> dict:
+    """What makes an arm, on top of the settings every arm shares."""
+    gcd = {"cls_coef": lab.gcd_coef}
+    return {
+        "grpo": {},
+        "grpo+cls-advantage": {**gcd, "cls_labels": "advantage"},
+        "grpo+cls-oracle": {**gcd, "cls_labels": "oracle"},
+        "gigpo": {"step_credit_coef": lab.gigpo_coef},
+    }[arm]
+
+
+def job_settings(s: ga.Settings, lab: Lab, arm: str, seed: int, out_dir: str) -> ga.Settings:
     """The settings of one (arm, seed) run: the seed also draws the layouts."""
-    arm_settings = {"cls_coef": 0.0, "cls_labels": "advantage", "step_credit_coef": 0.0}
-    arm_settings.update(ARMS[arm])
     return dataclasses.replace(
         s,
         seed=seed,
         data_seed=seed,
+        self_check=lab.self_check_tries,
         render_every=0,
         out_dir=os.path.join(out_dir, f"{arm}-seed{seed}"),
-        **arm_settings,
+        **arm_settings(arm, lab),
     )
 
 
-def what_makes(settings: dict, leave_out: tuple = ()) -> dict:
-    """The fields of a settings dict that decide a run's outcome."""
-    return {k: v for k, v in settings.items() if k not in NOT_PART_OF_A_RUN + leave_out}
+def check_shared(s: ga.Settings) -> None:
+    """The comparison sets these per arm and seed; a flag for them would be silently ignored."""
+    for f in dataclasses.fields(ga.Settings):
+        if f.name in SET_PER_ARM and getattr(s, f.name) != f.default:
+            flag = f.name.replace("_", "-")
+            raise ValueError(
+                f"--{flag} is set per arm by the comparison; use --seeds, --gcd-coef, "
+                "--gigpo-coef or --self-check-tries"
+            )
+
+
+def outcome_fields(settings: dict, keep: tuple | None = None) -> dict:
+    """The fields of a settings dict that decide a run's outcome (or only those in `keep`)."""
+    return {
+        k: v
+        for k, v in settings.items()
+        if k not in NOT_PART_OF_A_RUN and (keep is None or k in keep)
+    }
 
 
 def differences(wanted: dict, found: dict) -> str:
@@ -165,11 +197,10 @@ def differences(wanted: dict, found: dict) -> str:
 def check_existing(jobs: list[ga.Settings], warm_paths: dict[int, str]) -> None:
     """Refuse to resume from finished runs or warm starts made with other settings."""
     for job in jobs:
-        path = os.path.join(job.out_dir, "settings.json")
         if os.path.exists(os.path.join(job.out_dir, "summary.json")):
-            with open(path) as f:
-                found = what_makes(json.load(f))
-            wanted = what_makes(json.loads(json.dumps(dataclasses.asdict(job))))
+            with open(os.path.join(job.out_dir, "settings.json")) as f:
+                found = outcome_fields(json.load(f))
+            wanted = outcome_fields(json.loads(json.dumps(dataclasses.asdict(job))))
             if found != wanted:
                 raise ValueError(
                     f"{job.out_dir} was made with other settings ({differences(wanted, found)}); "
@@ -178,9 +209,10 @@ def check_existing(jobs: list[ga.Settings], warm_paths: dict[int, str]) -> None:
     for job in jobs:
         warm_path = warm_paths[job.seed]
         if os.path.exists(warm_path):
-            found = torch.load(warm_path, map_location="cpu")["settings"]
-            wanted = what_makes(dataclasses.asdict(job), ARM_FIELDS + ("self_check",))
-            if what_makes(found, ARM_FIELDS + ("self_check",)) != wanted:
+            made_with = torch.load(warm_path, map_location="cpu").get("settings") or {}
+            found = outcome_fields(made_with, WARM_START_FIELDS)
+            wanted = outcome_fields(dataclasses.asdict(job), WARM_START_FIELDS)
+            if found != wanted:
                 raise ValueError(
                     f"{warm_path} was made with other settings ({differences(wanted, found)}); "
                     "choose another --out-dir or delete it"
@@ -219,26 +251,26 @@ def end_values(summary: dict) -> dict:
 
 def tables(end: dict, start: dict, seeds: list[int]) -> str:
     """compare.md: for each table, each arm's mean over seeds, then paired differences."""
-    arms = list(ARMS)
+    others = ARMS[1:]
     out = []
-    for title, keys in TABLES.items():
-        out += [f"### {title}", "", "| metric | " + " | ".join(arms) + " |"]
-        out.append("|---" * (len(arms) + 1) + "|")
+    for title, keys, with_own_change in TABLES:
+        out += [f"### {title}", "", "| metric | " + " | ".join(ARMS) + " |"]
+        out.append("|---" * (len(ARMS) + 1) + "|")
         for key in keys:
-            means = [np.mean([end[arm, x][key] for x in seeds]) for arm in arms]
+            means = [np.mean([end[arm, x][key] for x in seeds]) for arm in ARMS]
             out.append(f"| {key} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
-        out += ["", "| paired difference | " + " | ".join(f"{a} - grpo" for a in arms[1:])]
-        out[-1] += " | grpo: end - start |" if "chain" in title else " |"
-        out.append("|---" * (len(arms) + (1 if "chain" in title else 0)) + "|")
+        columns = [f"{arm} - grpo" for arm in others]
+        if with_own_change:
+            columns.append("grpo: end - start")
+        out += ["", "| paired difference | " + " | ".join(columns) + " |"]
+        out.append("|---" * (len(columns) + 1) + "|")
         for key in keys:
-            cells = [
-                show_interval([end[a, x][key] - end["grpo", x][key] for x in seeds])
-                for a in arms[1:]
-            ]
-            if "chain" in title:
-                cells.append(
-                    show_interval([end["grpo", x][key] - start["grpo", x][key] for x in seeds])
-                )
+            cells = []
+            for arm in others:
+                cells.append(show_interval([end[arm, x][key] - end["grpo", x][key] for x in seeds]))
+            if with_own_change:
+                own = [end["grpo", x][key] - start["grpo", x][key] for x in seeds]
+                cells.append(show_interval(own))
             out.append(f"| {key} | " + " | ".join(cells) + " |")
         out.append("")
     out.append(
@@ -253,10 +285,18 @@ def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    s = dataclasses.replace(s, self_check=lab.self_check_tries)
+    check_shared(s)
     keys = [(arm, seed) for arm in ARMS for seed in lab.seeds]  # arm by arm: warm starts first
-    jobs = [job_settings(s, arm, seed, out_dir) for arm, seed in keys]
+    jobs = [job_settings(s, lab, arm, seed, out_dir) for arm, seed in keys]
     warm_paths = {x: os.path.join(out_dir, f"warm-start-seed{x}.pt") for x in lab.seeds}
+    started = os.path.isdir(out_dir) and any(
+        name.startswith(ARMS) or name.startswith("warm-start") for name in os.listdir(out_dir)
+    )
+    if started and not lab.resume:
+        raise ValueError(
+            f"{out_dir} already holds runs of a comparison; pass --resume to go on with it "
+            "(finished runs with the same settings are read back, not repeated)"
+        )
     check_existing(jobs, warm_paths)
     os.makedirs(out_dir, exist_ok=True)
     end, start = {}, {}
@@ -265,7 +305,7 @@ def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
         for key, summary in zip(keys, pool.map(compare_job, work)):
             end[key] = end_values(summary)
             start[key] = summary["start"]
-            shown = ", ".join(f"{k} {end[key][k]:.3f}" for k in TABLES[list(TABLES)[2]])
+            shown = ", ".join(f"{k} {end[key][k]:.3f}" for k in SUCCESS)
             print(f"{key[0]} seed {key[1]}: {shown}", flush=True)
     table = tables(end, start, lab.seeds)
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
@@ -316,6 +356,7 @@ def settings_of(run_dir: str) -> ga.Settings:
     with open(os.path.join(run_dir, "settings.json")) as f:
         saved = json.load(f)
     known = {f.name for f in dataclasses.fields(ga.Settings)}
+    saved["device"] = "cpu"  # analysed here, wherever it was trained
     return ga.Settings(**{k: v for k, v in saved.items() if k in known})
 
 
@@ -506,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python experiments.py {{{','.join(COMMANDS)}}} ...\n\n{__doc__}")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     command, rest = argv[0], argv[1:]
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar per saved policy
     try:
         if command == "compare":
             parser = ga.HfArgumentParser((ga.Settings, Lab), prog="experiments.py compare")
@@ -520,11 +564,6 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(str(e))
             if not s.out_dir:
                 parser.error("--out-dir is required")
-            if os.path.exists(os.path.join(s.out_dir, "compare.md")) and not s.overwrite:
-                parser.error(
-                    f"{s.out_dir} already holds a comparison; pass --overwrite to resume it "
-                    "(finished runs with the same settings are read back, not repeated)"
-                )
             print(compare(s, lab, s.out_dir))
         elif len(rest) != 1 or not os.path.isdir(rest[0]):
             print(f"experiments.py {command}: error: give one existing directory", file=sys.stderr)

@@ -300,12 +300,13 @@ def encode_prompts(tokenizer, observations: list[str]) -> list[list[int]]:
 
 
 def positions_needed(tokenizer, observations: list[str], max_action_tokens: int) -> int:
-    """The longest sequence a run reads: its longest prompt, a whole action, the verdict query
-    and the longest verdict word."""
+    """The longest sequence a run reads: its longest prompt, a whole action (generated, or in the
+    action format the probes score), the verdict query and the longest verdict word."""
     longest_prompt = max(len(ids) for ids in encode_prompts(tokenizer, observations))
+    probed = max(len(action_ids_for(tokenizer, a)) for a in toy_env.ACTIONS)  # probes score these
     query = tokenizer(VERDICT_QUERY, add_special_tokens=False)["input_ids"]
     verdict = max(len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in VERDICTS)
-    return longest_prompt + max_action_tokens + len(query) + verdict
+    return longest_prompt + max(max_action_tokens, probed) + len(query) + verdict
 
 
 # ---- CORE: rollout -- all live episodes step together, one batched forward per token ----------
@@ -335,8 +336,9 @@ def generate_actions(
     Our own loop rather than `model.generate`, so the tokens come from exactly softmax(logits / T)
     (no top-k/top-p/repetition processors from a generation_config) and the log-probs are the
     ones the loss will score. Tokens, log-probs and flags stay on the device; the host waits once
-    per token (may we stop early?) and once at the end. The first forward asks for the last
-    position's logits only: (N, 1, V), not (N, P, V), which matters for a 150k-token vocabulary."""
+    per token (may we stop early?) and, after the loop, to copy the results. The first forward
+    asks for the last position's logits only: (N, 1, V), not (N, P, V), which matters for a
+    150k-token vocabulary."""
     device = next(model.parameters()).device
     n = len(prompts)
     ids, mask, positions = left_pad(prompts, tokenizer.pad_token_id, device)  # each (N, P)
@@ -543,6 +545,8 @@ def move_advantages(
     >>> move_advantages(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), [0, 1, 0, 2, 3])
     tensor([ 1.0000, -1.0000,  1.0000,  0.0000,  0.0000])
     """
+    if step_credit_coef and anchors is None:
+        raise ValueError("step credit needs anchors: one (task, observation) key per move")
     episode_adv = grpo_advantages(rewards, scale_by_std).flatten()  # (B*G,)
     move_adv = episode_adv[episodes]  # (N,) each move inherits its episode's
     if step_credit_coef:
@@ -644,17 +648,6 @@ def advantage_labelled_pairs(
     keep = (advantages != 0).nonzero().flatten().tolist()
     labels = (advantages[keep] > 0).long()  # (n,)
     return [prompts[i] for i in keep], [actions[i] for i in keep], labels
-
-
-def oracle_labelled_pairs(moves: list[Move], tokenizer):
-    """The upper bound only a toy allows: all 4 moves (in the action format) at every distinct
-    state visited, labelled by the oracle (1 = good, 0 = bad): (prompts, actions, labels)."""
-    states = {tuple(m.prompt_ids): m.good_moves for m in moves}  # distinct visited states
-    pairs = [(state, a) for state in states for a in toy_env.ACTIONS]
-    prompts = [list(state) for state, _ in pairs]
-    actions = [action_ids_for(tokenizer, a) for _, a in pairs]
-    labels = torch.tensor([int(a in states[state]) for state, a in pairs], dtype=torch.long)
-    return prompts, actions, labels
 
 
 def verdict_logits(
@@ -771,7 +764,8 @@ def grpo_update(
     `epochs` passes, each a fresh shuffle cut into minibatches of about `minibatch_moves` moves:
     one AdamW step per minibatch, gradient norm clipped at 1. With `cls_set` = (prompts, actions,
     labels) and cls_coef > 0, each step also takes its share of the classification pairs:
-    L = L_pg + kl_coef * KL + cls_coef * L_cls. `rng` orders the minibatches."""
+    L = L_pg + kl_coef * KL + cls_coef * L_cls. `rng` orders the minibatches; `tokenizer` gives
+    the pad id and encodes the verdict query. The defaults are those of Settings."""
     device = next(model.parameters()).device
     signal = (advantages != 0).nonzero().flatten().tolist()  # indices of moves with A != 0
     cls_prompts, cls_actions, cls_labels = cls_set or ([], [], torch.zeros(0, dtype=torch.long))
@@ -904,7 +898,8 @@ def classification_bacc(model, tokenizer, probe: list[tuple[str, list[str]]]) ->
     prompts = [p for p in encode_prompts(tokenizer, observations) for _ in toy_env.ACTIONS]
     actions = [action_ids_for(tokenizer, a) for _ in probe for a in toy_env.ACTIONS]
     labels = torch.tensor([int(a in good) for _, good in probe for a in toy_env.ACTIONS])
-    predicted = verdict_logits(model, tokenizer, prompts, actions).argmax(dim=1).cpu()
+    scores = verdict_logits(model, tokenizer, prompts, actions)  # (S*4, 2)
+    predicted = (scores[:, GOOD] >= scores[:, BAD]).long().cpu()  # a tie counts as "good"
     return balanced_accuracy(predicted, labels)
 
 
@@ -919,7 +914,8 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
                      eta*<g_good, g_flawed> (first order): the ratio is the share of the intended
                      gain that leaks to the flawed twin (1 = all of it), free of step size and
                      scale. The median over pairs: where the good move is near-certain,
-                     |g_good| ~ 0 and one pair's ratio explodes (a zero gradient gives NaN).
+                     |g_good| ~ 0 and one pair's ratio explodes. A pair with a zero gradient
+                     has no cosine and no ratio (NaN); it is left out of the mean and median.
     hidden_cos     = cos(h_good, h_flawed), last-layer hidden states where the move is predicted;
                      _move: at the move's last token (the verdict query follows it); _centred:
                      after subtracting the probe's mean state, a component every grid shares.
@@ -936,9 +932,13 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
             [g.flatten() for g in torch.autograd.grad(logps[0], params, retain_graph=True)]
         )
         g_flawed = torch.cat([g.flatten() for g in torch.autograd.grad(logps[1], params)])
-        cosines.append(F.cosine_similarity(g_good, g_flawed, dim=0).item())
         good_sq = (g_good @ g_good).item()
-        ratios.append((g_good @ g_flawed).item() / good_sq if good_sq > 0 else math.nan)
+        flawed_sq = (g_flawed @ g_flawed).item()
+        dot = (g_good @ g_flawed).item()
+        cosines.append(
+            dot / math.sqrt(good_sq * flawed_sq) if good_sq * flawed_sq > 0 else math.nan
+        )
+        ratios.append(dot / good_sq if good_sq > 0 else math.nan)
         with torch.no_grad():
             prompts = encode_prompts(tokenizer, [obs_good, obs_flawed])
             twice = [action_ids_for(tokenizer, action)] * 2
@@ -952,12 +952,13 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
     moves = torch.stack(moves)  # (pairs, 2, d)
     centred = states - states.mean(dim=(0, 1))  # (pairs, 2, d)
     finite_ratios = [r for r in ratios if not math.isnan(r)]
+    finite_cosines = [c for c in cosines if not math.isnan(c)]
 
     def twin_cosine(h: torch.Tensor) -> float:
         return F.cosine_similarity(h[:, 0], h[:, 1], dim=1).mean().item()
 
     return {
-        "coupling_cos": float(np.mean(cosines)),
+        "coupling_cos": float(np.mean(finite_cosines)) if finite_cosines else math.nan,
         "coupling_ratio": float(np.median(finite_ratios)) if finite_ratios else math.nan,
         "hidden_cos": twin_cosine(states),
         "hidden_cos_move": twin_cosine(moves),
@@ -1016,7 +1017,8 @@ def evaluate(
     model.eval()
 
     def judge(prompts, actions):
-        return (verdict_logits(model, tokenizer, prompts, actions).argmax(1) == GOOD).tolist()
+        scores = verdict_logits(model, tokenizer, prompts, actions)  # (N, 2)
+        return (scores[:, GOOD] >= scores[:, BAD]).tolist()  # a tie counts as "good"
 
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     _, rewards, _ = rollout(
@@ -1055,7 +1057,7 @@ def measure(model, tokenizer, eval_sets: dict, s: Settings, log, it: int) -> dic
     row = {}
     for split, layouts in eval_sets.items():
         row[f"eval_{split}_success"] = evaluate(
-            model, tokenizer, layouts, s.max_action_tokens, s.seed, 0, s.temperature
+            model, tokenizer, layouts, s.max_action_tokens, s.seed, self_check=0
         )
     if s.self_check and it == s.iters:  # at the end only: costly, and final
         row["eval_held_out_success_self_check"] = evaluate(
@@ -1087,6 +1089,17 @@ def measure(model, tokenizer, eval_sets: dict, s: Settings, log, it: int) -> dic
     shown = " | ".join(f"{k} {v:.4f}" for k, v in row.items() if not k.endswith("_s"))
     log(f"measure @ iter {it}: {shown}")
     return row
+
+
+def oracle_labelled_pairs(moves: list[Move], tokenizer):
+    """The upper bound only a toy allows: all 4 moves (in the action format) at every distinct
+    state visited, labelled by the oracle (1 = good, 0 = bad): (prompts, actions, labels)."""
+    states = {tuple(m.prompt_ids): m.good_moves for m in moves}  # distinct visited states
+    pairs = [(state, a) for state in states for a in toy_env.ACTIONS]
+    prompts = [list(state) for state, _ in pairs]
+    actions = [action_ids_for(tokenizer, a) for _, a in pairs]
+    labels = torch.tensor([int(a in states[state]) for state, a in pairs], dtype=torch.long)
+    return prompts, actions, labels
 
 
 def rollout_stats(moves: list[Move], rewards: torch.Tensor, move_adv: torch.Tensor) -> dict:
@@ -1204,11 +1217,12 @@ def train(s: Settings, out_dir: str, log=print, start: dict | None = None):
                     labelled = advantage_labelled_pairs(prompts, actions, move_adv)
                 else:
                     labelled = oracle_labelled_pairs(moves, tokenizer)
-                pick = rng.permutation(len(labelled[0]))[: s.cls_samples]  # at random, capped
+                cls_prompts, cls_actions, cls_labels = labelled
+                pick = rng.permutation(len(cls_prompts))[: s.cls_samples]  # at random, capped
                 cls_set = (
-                    [labelled[0][k] for k in pick],
-                    [labelled[1][k] for k in pick],
-                    labelled[2][pick],
+                    [cls_prompts[k] for k in pick],
+                    [cls_actions[k] for k in pick],
+                    cls_labels[pick],
                 )
             stats = grpo_update(
                 model,

@@ -365,19 +365,27 @@ def test_recorded_logprobs_equal_a_fresh_forward_pass(tiny):
 
 class ScriptedLM(torch.nn.Module):
     """A 'policy' that writes 'left' after 'action:', then newlines: never end-of-text. Its one
-    parameter shifts every logit alike, so its gradient is exactly 0."""
+    parameter shifts every logit alike, so its gradient is exactly 0. `script` maps more tokens to
+    the token that follows them; `fill` replaces every logit (NaN: a broken model); `masked` puts
+    -inf on every token but the scripted one."""
 
-    def __init__(self, tokenizer, fill=None):
+    def __init__(self, tokenizer, fill=None, script=None, masked=False):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(()))
         self.vocab = len(tokenizer)
-        self.next = torch.full((self.vocab,), tokenizer.convert_tokens_to_ids("\n"))
-        left = tokenizer.convert_tokens_to_ids("left")
-        self.next[tokenizer.convert_tokens_to_ids("action:")] = left
-        self.fill = fill  # a value every logit takes instead (NaN: a broken model)
+        token = tokenizer.convert_tokens_to_ids
+        self.next = torch.full((self.vocab,), token("\n"))
+        self.next[token("action:")] = token("left")
+        for before, after in (script or {}).items():
+            self.next[token(before)] = token(after)
+        self.fill = fill
+        self.masked = masked
 
     def forward(self, input_ids, **kwargs):
-        logits = 30.0 * torch.nn.functional.one_hot(self.next[input_ids], self.vocab) + self.weight
+        chosen = torch.nn.functional.one_hot(self.next[input_ids], self.vocab).bool()
+        logits = 30.0 * chosen + self.weight
+        if self.masked:
+            logits = logits.masked_fill(~chosen, -math.inf)
         if self.fill is not None:
             logits = torch.full_like(logits, self.fill)
         return SimpleNamespace(logits=logits, cache=None, hidden_states=(logits,))
@@ -407,8 +415,24 @@ def test_non_finite_logits_stop_generation_with_a_clear_error(tiny):
                 ScriptedLM(tokenizer, math.nan), tokenizer, prompts, 3, 1.0, greedy, None
             )
     # -inf is a legal logit (a masked token): it is not an error
-    ok = ga.generate_actions(ScriptedLM(tokenizer), tokenizer, prompts, 3, 1.0, True, None)
-    assert len(ok[0][0]) == 3
+    for greedy in (True, False):
+        masked = ScriptedLM(tokenizer, masked=True)
+        ok = ga.generate_actions(masked, tokenizer, prompts, 3, 1.0, greedy, None)
+        assert len(ok[0][0]) == 3 and ok[1][0][0] == 0.0  # log 1: the only token left
+
+
+def test_each_action_stops_at_its_own_end_of_text(tiny):
+    """Three prompts whose actions end after 1, 2 and no tokens (budget 3). Bug caught: tokens
+    recorded after an action's end-of-text (while other rows still generate), or the last one
+    dropped; recorded and recomputed log-probs would still agree, so only exact ids catch it."""
+    s, _, tokenizer = tiny
+    eos = tokenizer.eos_token
+    policy = ScriptedLM(tokenizer, script={"#": eos, "left": eos, "up": "\n"})
+    token = tokenizer.convert_tokens_to_ids
+    prompts = [[token(".")] * 3 + [token(last)] for last in ("#", "action:", "up")]
+    actions, logps, texts = ga.generate_actions(policy, tokenizer, prompts, 3, 1.0, True, None)
+    assert actions == [[token(eos)], [token("left"), token(eos)], [token("\n")] * 3]
+    assert [len(x) for x in logps] == [1, 2, 3] and texts[1].strip() == "left"
 
 
 def signal_moves(model, tokenizer, layouts, actions):
@@ -625,7 +649,7 @@ def test_coupling_probe_with_a_zero_gradient_gives_nan_not_an_exception(tiny):
     """Bug caught: <g_good, g_flawed> / |g_good|^2 in plain Python: ZeroDivisionError."""
     s, _, tokenizer = tiny
     probe = ga.coupling_probe(ScriptedLM(tokenizer), tokenizer, observation_pairs(2))
-    assert math.isnan(probe["coupling_ratio"]) and probe["coupling_cos"] == 0.0
+    assert math.isnan(probe["coupling_ratio"]) and math.isnan(probe["coupling_cos"])
 
 
 def test_probes_leave_model_storage_grads_and_optimizer_untouched(tiny):
@@ -928,6 +952,14 @@ def test_compare_writes_paired_tables_in_worker_processes_and_resumes(tmp_path, 
     assert table.count("| grpo: end - start |") == 1  # the chain: GRPO's own change too
     for key in ("adv_flawed_rel", "hidden_cos", "eval_held_out_success_self_check"):
         assert table.count(f"| {key} | ") == 2  # arm means, paired differences
+    ends = {}
+    for arm in ("grpo", "gigpo"):
+        for seed in (0, 1):
+            summary = json.loads((tmp_path / f"{arm}-seed{seed}" / "summary.json").read_text())
+            ends[arm, seed] = summary["end"]["hidden_cos"]
+    diff = experiments.show_interval([ends["gigpo", x] - ends["grpo", x] for x in (0, 1)])
+    row = next(r for r in table.splitlines()[::-1] if r.startswith("| hidden_cos |"))
+    assert row.split(" | ")[3] == diff  # the gigpo - grpo cell, from the two runs' summaries
     runs = [d for d in tmp_path.iterdir() if d.is_dir()]
     settings = {d.name: json.loads((d / "settings.json").read_text()) for d in runs}
     assert len(settings) == 8 and settings["grpo-seed1"]["seed"] == 1
@@ -944,15 +976,43 @@ def test_compare_writes_paired_tables_in_worker_processes_and_resumes(tmp_path, 
     files = [tmp_path / d / "metrics.jsonl" for d in settings]
     files += [tmp_path / f"warm-start-seed{x}.pt" for x in (0, 1)]  # one per seed, shared
     written = {f: f.stat().st_mtime_ns for f in files}
-    assert experiments.main([*args, "--overwrite"]) == 0  # resume: nothing is retrained
+    capsys.readouterr()
+    assert experiments.main(args) == 2  # a started comparison is never silently mixed into
+    assert "pass --resume" in capsys.readouterr().err
+    assert experiments.main([*args, "--resume"]) == 0  # nothing is retrained
     assert {f: f.stat().st_mtime_ns for f in files} == written
     assert (tmp_path / "compare.md").read_text() == table
     capsys.readouterr()
-    assert experiments.main([*args, "--overwrite", "--iters", "3"]) == 2  # other settings
+    assert experiments.main([*args, "--resume", "--iters", "3"]) == 2  # other settings
     err = capsys.readouterr().err
     assert "made with other settings (iters 3 here, 2 there)" in err
     assert len(err.strip().splitlines()) == 1
     assert {f: f.stat().st_mtime_ns for f in files} == written  # nothing was touched
+
+
+def test_compare_refuses_flags_it_sets_per_arm(tmp_path, capsys):
+    """Bug caught: `compare --cls-coef 2` silently training its GCD arms at 0.5."""
+    args = ["compare", "--cls-coef", "2", "--out-dir", str(tmp_path / "c")]
+    assert experiments.main(args) == 2
+    assert "use --seeds, --gcd-coef" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+
+
+def test_warm_start_is_loaded_onto_the_run_device(tmp_path, monkeypatch):
+    """Bug caught: torch.load without map_location: a warm start saved on CUDA cannot be loaded
+    on a CPU or MPS machine."""
+    s = ga.Settings(**TINY, iters=0, out_dir=str(tmp_path / "run"))
+    torch.save({"unused": 1}, tmp_path / "warm.pt")
+    seen = {}
+
+    def fake_load(path, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(torch, "load", fake_load)
+    with pytest.raises(RuntimeError, match="stop here"):
+        experiments.compare_job((s, str(tmp_path / "warm.pt"), 1))
+    assert seen.get("map_location") == torch.device("cpu")
 
 
 def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, capsys):

@@ -49,9 +49,8 @@ SPLITS = {
 }
 BUDGET_SLACK = 2  # one step away (and back) or two bumps still succeed, a third wasted step fails
 MAX_LAYOUTS = 20_000  # per request; each split has tens of thousands of distinct layouts
-MIN_START_DISTANCE = (
-    3  # shortest path from A to G in sampled layouts; shorter is too easy to teach anything
-)
+# The shortest path from A to G in sampled layouts; shorter is too easy to teach anything.
+MIN_START_DISTANCE = 3
 
 
 def parse_action(text) -> str | None:
@@ -155,22 +154,21 @@ class GridWorld:
             )
         return pos
 
+    def cell(self, pos: tuple[int, int], agent: tuple[int, int]) -> str:
+        """The character of one cell: the agent, the goal, a wall or floor."""
+        if pos == agent:
+            return AGENT
+        if pos == self.goal:
+            return GOAL
+        return WALL if self.walls[pos[0]][pos[1]] else FLOOR
+
     def to_string(self, agent: tuple[int, int] | None = None) -> str:
         """The layout as `from_string` reads it, with the agent at `agent` (default: the start)."""
         agent = self.start if agent is None else self.check_pos(agent)
-        return "\n".join(
-            "".join(
-                AGENT
-                if (r, c) == agent
-                else GOAL
-                if (r, c) == self.goal
-                else WALL
-                if self.walls[r][c]
-                else FLOOR
-                for c in range(self.cols)
-            )
-            for r in range(self.rows)
-        )
+        rows = [
+            "".join(self.cell((r, c), agent) for c in range(self.cols)) for r in range(self.rows)
+        ]
+        return "\n".join(rows)
 
     def observation(self, agent: tuple[int, int] | None = None) -> str:
         """The text the policy reads: the grid, cells separated by spaces, then 'action:'."""
@@ -249,9 +247,8 @@ def sample_layouts(split: str, n: int, seed: int) -> list[str]:
     """`n` distinct solvable layouts of `split` ("train" or "held_out"), deterministic in `seed`."""
     _check_args(split, n, seed)
     spec = SPLITS[split]
-    rng = np.random.default_rng(
-        [seed, spec["split_id"]]
-    )  # one independent stream per (seed, split)
+    # one independent stream per (seed, split)
+    rng = np.random.default_rng([seed, spec["split_id"]])
     layouts, seen, misses = [], set(), 0
     while len(layouts) < n:
         if misses > 20_000:  # a finite grid has finitely many layouts: never loop for ever
