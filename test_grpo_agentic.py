@@ -512,6 +512,9 @@ def test_core_functions_take_plain_arguments_and_run_on_a_bpe_gpt2(monkeypatch):
     assert len(losses) == 3
     model.eval()
     generator = torch.Generator().manual_seed(0)
+    prompts = ga.encode_prompts(tokenizer, [observation(x) for x in layouts])
+    ids, logps, texts = ga.generate_actions(model, tokenizer, prompts, 6, 1.0, False, generator)
+    assert len(ids) == len(logps) == len(texts) == 3
     moves, rewards, _ = ga.rollout(model, tokenizer, layouts, 2, 6, 1.0, generator=generator)
     assert rewards.shape == (3, 2)
     prompts = [m.prompt_ids for m in moves]
@@ -521,7 +524,7 @@ def test_core_functions_take_plain_arguments_and_run_on_a_bpe_gpt2(monkeypatch):
     advantages = ga.move_advantages(rewards, episodes, anchors, 1.0, 0.9)
     advantages = advantages + torch.linspace(-1, 1, len(moves))  # some signal whatever happened
     labelled = ga.advantage_labelled_pairs(prompts, actions, advantages)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=ga.learning_rate(1, 1e-3, 2, 10))
     old = [m.sample_logps for m in moves]
     stats = ga.grpo_update(
         model,
