@@ -641,7 +641,7 @@ def test_coupling_probe_identical_states_and_a_real_sgd_step(tiny):
             for p, g in zip(stepped.parameters(), grads):
                 p.add_(g, alpha=1e-3)
             after = ga.action_logprobs(stepped, tokenizer, list(pair[:2]), [pair[2]] * 2)
-        change = after - before
+        change = (after - before).detach()
         # tight: the twins' gradients are so alike that a wrong normaliser (|g_flawed|^2) is only
         # ~0.01-0.03 off
         ratio = float(change[1] / change[0])
