@@ -279,13 +279,18 @@ def load_model(s: Settings, tokenizer, positions: int, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(s.model, dtype=torch.float32)
-    most = getattr(model.config, "max_position_embeddings", None)
+    check_positions(s, model.config, positions)
+    return model.to(device)
+
+
+def check_positions(s: Settings, config, positions: int) -> None:
+    """A ValueError in one line if --model's config reads fewer than `positions` positions."""
+    most = getattr(config, "max_position_embeddings", None)
     if most is not None and most < positions:
         raise ValueError(
             f"--model {s.model} reads at most {most} positions; a prompt, an action of "
             f"--max-action-tokens {s.max_action_tokens} and the verdict need {positions}"
         )
-    return model.to(device)
 
 
 def action_ids_for(tokenizer, action: str) -> list[int]:
@@ -1156,10 +1161,14 @@ def warm_start(model, tokenizer, s: Settings, log=print) -> dict:
 def load_policy(s: Settings, device: torch.device):
     """(model, tokenizer) for these settings, the model checked to hold the longest sequence."""
     tokenizer = load_tokenizer(s.model)
+    return load_model(s, tokenizer, positions_for(s, tokenizer), device), tokenizer
+
+
+def positions_for(s: Settings, tokenizer) -> int:
+    """The longest sequence this run reads, over every state of its layouts."""
     pool, eval_sets = task_sets(s)
     observations = all_observations(pool + eval_sets["held_out"])
-    positions = positions_needed(tokenizer, observations, s.max_action_tokens)
-    return load_model(s, tokenizer, positions, device), tokenizer
+    return positions_needed(tokenizer, observations, s.max_action_tokens)
 
 
 def train(s: Settings, out_dir: str, log=print, start: dict | None = None):
@@ -1289,8 +1298,12 @@ def summarise(measured: dict, rows: list[dict], sft_s: float, begin: float) -> d
 def run(s: Settings, out_dir: str, log=print, start: dict | None = None) -> dict:
     """One training run: settings.json first, metrics.jsonl as it goes, then policy/ and
     summary.json."""
+    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
+    if s.model:  # a model too short for this run is refused before anything is written
+        config = AutoConfig.from_pretrained(s.model)
+        check_positions(s, config, positions_for(s, load_tokenizer(s.model)))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "settings.json"), "w") as f:
         json.dump(dataclasses.asdict(s), f, indent=1)

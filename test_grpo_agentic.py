@@ -580,6 +580,7 @@ def test_generation_holds_no_more_positions_than_the_model_has(tmp_path, capsys)
     err = capsys.readouterr().err
     assert code == 2 and "reads at most 20 positions" in err, err
     assert "need 27" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()  # refused before anything was written
 
 
 # ---- the paper's analysis (Lemma 3.1, Theorem 3.2, gradient coupling) ---------------------------
