@@ -1,6 +1,6 @@
 """The lab beside the reference: arms over seeds, paired intervals, tables, plots, controls.
 
-    python experiments.py compare --out-dir results/compare     # 4 arms x 5 seeds, ~25 min, 2 cores
+    python experiments.py compare --out-dir results/compare     # 4 arms x 5 seeds: 20 runs
     python experiments.py plot results/compare                   # compare.png (needs matplotlib)
     python experiments.py self-check-control results/compare     # verdict vs a coin, same rate
     python experiments.py probe-baselines results/default        # what the coupling probe reads
@@ -396,8 +396,7 @@ def self_check_control(run_dir: str) -> dict:
     counts = {"judged": 0, "rejected": 0}
 
     def verdict(prompts, actions):
-        scores = ga.verdict_logits(model, tokenizer, prompts, actions)
-        ok = (scores.argmax(1) == ga.GOOD).tolist()
+        ok = ga.verdict_is_good(model, tokenizer, prompts, actions).tolist()
         counts["judged"] += len(ok)
         counts["rejected"] += ok.count(False)
         return ok
@@ -509,16 +508,7 @@ def label_noise(run_dir: str, iters: int = 20) -> str:
     generator = torch.Generator().manual_seed(s.seed)
     counts = np.zeros((2, 2), dtype=int)  # [label good?][oracle good?]
     for _ in range(iters):
-        picked = rng.choice(len(pool), size=s.tasks_per_iter, replace=False)
-        moves, rewards, _ = ga.rollout(
-            model,
-            tokenizer,
-            [pool[k] for k in picked],
-            s.group_size,
-            s.max_action_tokens,
-            s.temperature,
-            generator=generator,
-        )
+        moves, rewards, _ = ga.sample_iteration(model, tokenizer, pool, s, rng, generator)
         advantages = ga.move_advantages(rewards, [m.episode for m in moves])
         for m, a in zip(moves, advantages.tolist()):
             if a != 0:

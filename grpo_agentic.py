@@ -687,6 +687,12 @@ def verdict_logits(
     return torch.stack(scores, dim=1)  # (N, C)
 
 
+def verdict_is_good(model, tokenizer, prompts: list[list[int]], actions: list[list[int]]):
+    """(N,) bool: does the actor's verdict call each move good? A tie counts as good."""
+    scores = verdict_logits(model, tokenizer, prompts, actions)  # (N, 2)
+    return scores[:, GOOD] >= scores[:, BAD]
+
+
 def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the verdict, (N, 2) scores and (N,) labels (column = label) -> (), each
     class weighing the same whatever its count (unweighted, a 72 % majority of good moves makes
@@ -903,8 +909,7 @@ def classification_bacc(model, tokenizer, probe: list[tuple[str, list[str]]]) ->
     prompts = [p for p in encode_prompts(tokenizer, observations) for _ in toy_env.ACTIONS]
     actions = [action_ids_for(tokenizer, a) for _ in probe for a in toy_env.ACTIONS]
     labels = torch.tensor([int(a in good) for _, good in probe for a in toy_env.ACTIONS])
-    scores = verdict_logits(model, tokenizer, prompts, actions)  # (S*4, 2)
-    predicted = (scores[:, GOOD] >= scores[:, BAD]).long().cpu()  # a tie counts as "good"
+    predicted = verdict_is_good(model, tokenizer, prompts, actions).long().cpu()  # (S*4,)
     return balanced_accuracy(predicted, labels)
 
 
@@ -1022,8 +1027,7 @@ def evaluate(
     model.eval()
 
     def judge(prompts, actions):
-        scores = verdict_logits(model, tokenizer, prompts, actions)  # (N, 2)
-        return (scores[:, GOOD] >= scores[:, BAD]).tolist()  # a tie counts as "good"
+        return verdict_is_good(model, tokenizer, prompts, actions).tolist()
 
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     _, rewards, _ = rollout(
@@ -1105,6 +1109,21 @@ def oracle_labelled_pairs(moves: list[Move], tokenizer):
     actions = [action_ids_for(tokenizer, a) for _, a in pairs]
     labels = torch.tensor([int(a in states[state]) for state, a in pairs], dtype=torch.long)
     return prompts, actions, labels
+
+
+def sample_iteration(model, tokenizer, pool: list[str], s: Settings, rng, generator):
+    """One iteration's rollouts: B layouts drawn from `pool` with `rng`, G episodes each."""
+    picked = rng.choice(len(pool), size=s.tasks_per_iter, replace=False)  # (B,)
+    layouts = [pool[k] for k in picked]
+    return rollout(
+        model,
+        tokenizer,
+        layouts,
+        s.group_size,
+        s.max_action_tokens,
+        s.temperature,
+        generator=generator,
+    )
 
 
 def rollout_stats(moves: list[Move], rewards: torch.Tensor, move_adv: torch.Tensor) -> dict:
@@ -1200,21 +1219,14 @@ def train(s: Settings, out_dir: str, log=print, start: dict | None = None):
     with open(metrics_path, "w", buffering=1) as metrics_file:  # line-buffered: on disk at once
         for it in range(1, s.iters + 1):
             t0 = time.time()
-            picked = rng.choice(len(pool), size=s.tasks_per_iter, replace=False)  # (B,)
-            moves, rewards, envs = rollout(
-                model,
-                tokenizer,
-                [pool[k] for k in picked],
-                s.group_size,
-                s.max_action_tokens,
-                s.temperature,
-                generator=generator,
-            )
+            moves, rewards, envs = sample_iteration(model, tokenizer, pool, s, rng, generator)
             t1 = time.time()
             prompts = [m.prompt_ids for m in moves]
             actions = [m.action_ids for m in moves]
             episodes = [m.episode for m in moves]
-            anchors = [(e // s.group_size, tuple(p)) for e, p in zip(episodes, prompts)]
+            anchors = None  # GiGPO's step groups: (task, observation)
+            if s.step_credit_coef:
+                anchors = [(e // s.group_size, tuple(p)) for e, p in zip(episodes, prompts)]
             move_adv = move_advantages(
                 rewards, episodes, anchors, s.step_credit_coef, s.gamma, s.scale_by_std
             )  # (N,)

@@ -963,7 +963,7 @@ def test_compare_writes_paired_tables_in_worker_processes_and_resumes(tmp_path, 
             ends[arm, seed] = summary["end"]["hidden_cos"]
     diff = experiments.show_interval([ends["gigpo", x] - ends["grpo", x] for x in (0, 1)])
     row = next(r for r in table.splitlines()[::-1] if r.startswith("| hidden_cos |"))
-    assert row.split(" | ")[3] == diff  # the gigpo - grpo cell, from the two runs' summaries
+    assert row.rstrip(" |").split(" | ")[3] == diff  # gigpo - grpo, from the runs' summaries
     runs = [d for d in tmp_path.iterdir() if d.is_dir()]
     settings = {d.name: json.loads((d / "settings.json").read_text()) for d in runs}
     assert len(settings) == 8 and settings["grpo-seed1"]["seed"] == 1
@@ -994,9 +994,32 @@ def test_compare_writes_paired_tables_in_worker_processes_and_resumes(tmp_path, 
     assert {f: f.stat().st_mtime_ns for f in files} == written  # nothing was touched
 
 
+def test_compare_tables_hand_computed():
+    """Two seeds, made-up values: arm means, one paired difference and GRPO's own change.
+    Bug caught: a cell that reads another arm, the wrong seed's start, or a constant."""
+    keys = [k for _, metrics, _ in experiments.TABLES for k in metrics]
+    end, start = {}, {}
+    for k, arm in enumerate(experiments.ARMS):
+        for seed in (0, 1):
+            end[arm, seed] = {key: 0.5 + 0.1 * k + 0.02 * seed for key in keys}
+            start[arm, seed] = {key: 0.4 - 0.03 * seed for key in keys}
+    table = experiments.tables(end, start, [0, 1]).splitlines()
+    means, diffs = [r.rstrip(" |").split(" | ") for r in table if r.startswith("| hidden_cos |")]
+    assert means[1:] == [
+        "0.510",
+        "0.610",
+        "0.710",
+        "0.810",
+    ]  # mean of 0.50 + 0.1 k and 0.52 + 0.1 k
+    assert diffs[3] == "+0.300 [+0.300, +0.300]"  # gigpo - grpo: 0.3 on both seeds
+    # grpo's end - start: 0.10 and 0.15; mean 0.125, half-width 12.706 * 0.0354 / sqrt(2) = 0.318
+    assert diffs[4] == "+0.125 [-0.193, +0.443]"
+
+
 def test_compare_refuses_flags_it_sets_per_arm(tmp_path, capsys):
     """Bug caught: `compare --cls-coef 2` silently training its GCD arms at 0.5."""
-    args = ["compare", "--cls-coef", "2", "--out-dir", str(tmp_path / "c")]
+    args = ["compare", *TINY_ARGS, "--iters", "1", "--seeds", "0", "--workers", "1"]
+    args += ["--cls-coef", "2", "--out-dir", str(tmp_path / "c")]  # small, should it ever run
     assert experiments.main(args) == 2
     assert "use --seeds, --gcd-coef" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
@@ -1134,6 +1157,18 @@ def test_verdict_read_in_one_forward_equals_the_summed_log_probs_of_each_verdict
     assert torch.allclose(
         ga.verdict_logits(model, tokenizer, prompts, actions), expected, atol=1e-5
     )
+
+
+def test_a_tied_verdict_counts_as_good(tiny):
+    """ScriptedLM scores " bad" and " good" exactly alike after the query. Bug caught: a tie read
+    as "bad" (argmax picks column 0), which would make the self-check resample every such move."""
+    s, _, tokenizer = tiny
+    prompts = ga.encode_prompts(tokenizer, [observation(LAYOUT)] * 2)
+    actions = [ga.action_ids_for(tokenizer, a) for a in ("up", "left")]
+    scores = ga.verdict_logits(ScriptedLM(tokenizer), tokenizer, prompts, actions)
+    assert torch.equal(scores[:, ga.BAD], scores[:, ga.GOOD])  # a real tie
+    is_good = ga.verdict_is_good(ScriptedLM(tokenizer), tokenizer, prompts, actions)
+    assert is_good.tolist() == [True, True]
 
 
 def test_balanced_cross_entropy_and_balanced_accuracy_hand_computed():
