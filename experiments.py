@@ -85,8 +85,16 @@ def show_interval(diffs: list[float]) -> str:
 
 
 # ---- The comparison -----------------------------------------------------------------------------
-ARMS = ("grpo", "grpo+cls-advantage", "grpo+cls-oracle", "gigpo")
-SET_PER_ARM = ("seed", "data_seed", "cls_coef", "cls_labels", "step_credit_coef", "self_check")
+ARMS = ("grpo", "grpo+cls-advantage", "grpo+cls-oracle", "gigpo")  # "grpo" is the baseline
+SET_PER_ARM = (
+    "seed",
+    "data_seed",
+    "cls_coef",
+    "cls_labels",
+    "step_credit_coef",
+    "self_check",
+    "history",
+)
 NOT_PART_OF_A_RUN = ("out_dir", "overwrite", "device")  # where and how, not what
 WARM_START_FIELDS = (  # everything the supervised warm-up depends on
     "seed",
@@ -96,14 +104,17 @@ WARM_START_FIELDS = (  # everything the supervised warm-up depends on
     "sft_lr",
     "sft_batch",
     "model",
+    "tiny_arch",
     "tiny_layers",
     "tiny_dim",
     "max_action_tokens",
+    "history",
 )
 CREDIT = ("adv_flawed_mean", "adv_abs_mean", "adv_flawed_rel", "flawed_pos_adv_frac")
 CHAIN = (
     "cls_bacc_train",
     "cls_bacc_held_out",
+    "cls_bacc_after_bump",
     "hidden_cos",
     "hidden_cos_move",
     "hidden_cos_centred",
@@ -112,16 +123,30 @@ CHAIN = (
     "p_flawed",
 )
 SUCCESS = ("eval_train_success", "eval_held_out_success", "eval_held_out_success_self_check")
+ANATOMY = tuple(f"fail_{kind}" for kind in ga.FAILURE_KINDS) + (
+    "repeat_after_bump",
+    "p_repeat_bump",
+)
 TABLES = (  # (title, metrics, with GRPO's own change from start to end as a yardstick?)
     ("Credit: what the advantage says about flawed moves (over all iterations)", CREDIT, False),
     ("The chain, link by link (end of training)", CHAIN, True),
     ("Success, greedy, and with the self-check (end of training)", SUCCESS, False),
+    ("How held-out episodes fail, and recovery after a bump (end of training)", ANATOMY, True),
 )
+BETWEEN = SUCCESS[:2] + ANATOMY + CHAIN  # compared between regimes, arm by arm
 
 
 @dataclass
 class Lab:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4], metadata={"help": "seeds"})
+    arms: list[str] = field(
+        default_factory=lambda: ["grpo", "grpo+cls-oracle", "gigpo"],
+        metadata={"help": f"arms, 'grpo' first (the baseline); any of {', '.join(ARMS)}"},
+    )
+    histories: list[int] = field(
+        default_factory=lambda: [0, 2],
+        metadata={"help": "regimes: --history of every arm; differences to the first are paired"},
+    )
     workers: int = field(default=2, metadata={"help": "runs at once, each in its own process"})
     gcd_coef: float = field(default=0.5, metadata={"help": "--cls-coef of the two GCD arms"})
     gigpo_coef: float = field(default=1.0, metadata={"help": "--step-credit-coef of GiGPO"})
@@ -135,6 +160,12 @@ class Lab:
         distinct = len(set(self.seeds)) == len(self.seeds)
         if not self.seeds or any(x < 0 for x in self.seeds) or not distinct:
             raise ValueError(f"--seeds must be distinct integers >= 0, got {self.seeds}")
+        known = all(arm in ARMS for arm in self.arms) and len(set(self.arms)) == len(self.arms)
+        if not self.arms or self.arms[0] != "grpo" or not known:
+            raise ValueError(f"--arms must be distinct arms of {ARMS}, 'grpo' first")
+        regimes = self.histories
+        if not regimes or any(h < 0 for h in regimes) or len(set(regimes)) != len(regimes):
+            raise ValueError(f"--histories must be distinct integers >= 0, got {regimes}")
         if self.workers < 1 or self.self_check_tries < 1:
             raise ValueError("--workers and --self-check-tries must be >= 1")
         if not (self.gcd_coef > 0 and self.gigpo_coef > 0):
@@ -152,15 +183,22 @@ def arm_settings(arm: str, lab: Lab) -> dict:
     }[arm]
 
 
-def job_settings(s: ga.Settings, lab: Lab, arm: str, seed: int, out_dir: str) -> ga.Settings:
-    """The settings of one (arm, seed) run: the seed also draws the layouts."""
+def run_name(arm: str, history: int, seed: int) -> str:
+    return f"{arm}-h{history}-seed{seed}"
+
+
+def job_settings(
+    s: ga.Settings, lab: Lab, arm: str, history: int, seed: int, out_dir: str
+) -> ga.Settings:
+    """The settings of one (arm, history, seed) run: the seed also draws the layouts."""
     return dataclasses.replace(
         s,
         seed=seed,
         data_seed=seed,
+        history=history,
         self_check=lab.self_check_tries,
         render_every=0,
-        out_dir=os.path.join(out_dir, f"{arm}-seed{seed}"),
+        out_dir=os.path.join(out_dir, run_name(arm, history, seed)),
         **arm_settings(arm, lab),
     )
 
@@ -171,8 +209,8 @@ def check_shared(s: ga.Settings) -> None:
         if f.name in SET_PER_ARM and getattr(s, f.name) != f.default:
             flag = f.name.replace("_", "-")
             raise ValueError(
-                f"--{flag} is set per arm by the comparison; use --seeds, --gcd-coef, "
-                "--gigpo-coef or --self-check-tries"
+                f"--{flag} is set per arm by the comparison; use --seeds, --histories, "
+                "--gcd-coef, --gigpo-coef or --self-check-tries"
             )
 
 
@@ -194,7 +232,7 @@ def differences(wanted: dict, found: dict) -> str:
     )
 
 
-def check_existing(jobs: list[ga.Settings], warm_paths: dict[int, str]) -> None:
+def check_existing(jobs: list[ga.Settings], warm_paths: dict[tuple, str]) -> None:
     """Refuse to resume from finished runs or warm starts made with other settings."""
     for job in jobs:
         if os.path.exists(os.path.join(job.out_dir, "summary.json")):
@@ -207,7 +245,7 @@ def check_existing(jobs: list[ga.Settings], warm_paths: dict[int, str]) -> None:
                     "choose another --out-dir or delete that run"
                 )
     for job in jobs:
-        warm_path = warm_paths[job.seed]
+        warm_path = warm_paths[job.history, job.seed]
         if os.path.exists(warm_path):
             made_with = torch.load(warm_path, map_location="cpu").get("settings") or {}
             found = outcome_fields(made_with, WARM_START_FIELDS)
@@ -249,15 +287,16 @@ def end_values(summary: dict) -> dict:
     return values
 
 
-def tables(end: dict, start: dict, seeds: list[int]) -> str:
-    """compare.md: for each table, each arm's mean over seeds, then paired differences."""
-    others = ARMS[1:]
+def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
+    """One regime's tables: for each table, each arm's mean over seeds, then paired differences.
+    `end` and `start` are keyed by (arm, seed)."""
+    others = arms[1:]
     out = []
     for title, keys, with_own_change in TABLES:
-        out += [f"### {title}", "", "| metric | " + " | ".join(ARMS) + " |"]
-        out.append("|---" * (len(ARMS) + 1) + "|")
+        out += [f"### {title}", "", "| metric | " + " | ".join(arms) + " |"]
+        out.append("|---" * (len(arms) + 1) + "|")
         for key in keys:
-            means = [np.mean([end[arm, x][key] for x in seeds]) for arm in ARMS]
+            means = [np.mean([end[arm, x][key] for x in seeds]) for arm in arms]
             out.append(f"| {key} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
         columns = [f"{arm} - grpo" for arm in others]
         if with_own_change:
@@ -280,15 +319,39 @@ def tables(end: dict, start: dict, seeds: list[int]) -> str:
     return "\n".join(out) + "\n"
 
 
+def between_regimes(end: dict, seeds: list[int], arms: list[str], histories: list[int]) -> str:
+    """Each arm with history H against the same arm and seed without (the first regime):
+    paired differences of BETWEEN. `end` is keyed by (arm, history, seed)."""
+    base = histories[0]
+    columns = [f"{arm}: h{h} - h{base}" for h in histories[1:] for arm in arms]
+    out = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for key in BETWEEN:
+        cells = [
+            show_interval([end[arm, h, x][key] - end[arm, base, x][key] for x in seeds])
+            for h in histories[1:]
+            for arm in arms
+        ]
+        out.append(f"| {key} | " + " | ".join(cells) + " |")
+    out.append("\nSame arm, same seed, same layouts; mean [95 % t-interval] of the differences.")
+    return "\n".join(out) + "\n"
+
+
 def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
-    """Every arm on every seed, `lab.workers` runs at a time; writes and returns compare.md."""
+    """Every arm in every regime on every seed, `lab.workers` runs at a time; writes and returns
+    compare.md."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
     check_shared(s)
-    keys = [(arm, seed) for arm in ARMS for seed in lab.seeds]  # arm by arm: warm starts first
-    jobs = [job_settings(s, lab, arm, seed, out_dir) for arm, seed in keys]
-    warm_paths = {x: os.path.join(out_dir, f"warm-start-seed{x}.pt") for x in lab.seeds}
+    keys = [  # regime by regime, arm by arm: the warm starts come first
+        (arm, h, seed) for h in lab.histories for arm in lab.arms for seed in lab.seeds
+    ]
+    jobs = [job_settings(s, lab, arm, h, seed, out_dir) for arm, h, seed in keys]
+    warm_paths = {
+        (h, x): os.path.join(out_dir, f"warm-start-h{h}-seed{x}.pt")
+        for h in lab.histories
+        for x in lab.seeds
+    }
     started = os.path.isdir(out_dir) and any(
         name.startswith(ARMS) or name.startswith("warm-start") for name in os.listdir(out_dir)
     )
@@ -300,17 +363,64 @@ def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
     check_existing(jobs, warm_paths)
     os.makedirs(out_dir, exist_ok=True)
     end, start = {}, {}
-    work = [(job, warm_paths[job.seed], lab.workers) for job in jobs]
+    work = [(job, warm_paths[job.history, job.seed], lab.workers) for job in jobs]
     with ProcessPoolExecutor(lab.workers, mp_context=get_context("spawn")) as pool:  # no fork
         for key, summary in zip(keys, pool.map(compare_job, work)):
             end[key] = end_values(summary)
             start[key] = summary["start"]
             shown = ", ".join(f"{k} {end[key][k]:.3f}" for k in SUCCESS)
-            print(f"{key[0]} seed {key[1]}: {shown}", flush=True)
-    table = tables(end, start, lab.seeds)
+            print(f"{run_name(*key)}: {shown}", flush=True)
+    parts = []
+    for h in lab.histories:
+        regime_end = {(arm, x): end[arm, hh, x] for arm, hh, x in keys if hh == h}
+        regime_start = {(arm, x): start[arm, hh, x] for arm, hh, x in keys if hh == h}
+        parts.append(
+            f"## History H = {h}\n\n" + tables(regime_end, regime_start, lab.seeds, lab.arms)
+        )
+    if len(lab.histories) > 1:
+        parts.append(
+            "## Between regimes\n\n" + between_regimes(end, lab.seeds, lab.arms, lab.histories)
+        )
+    table = "\n".join(parts)
     with open(os.path.join(out_dir, "compare.md"), "w") as f:
         f.write(table)
     return table
+
+
+def between_dirs(dir_a: str, dir_b: str) -> str:
+    """Runs of the same name in two comparisons (say, two tiny models): B - A for each arm and
+    regime, paired by seed, over SUCCESS[:2], ANATOMY and CHAIN."""
+    names = [
+        d
+        for d in sorted(os.listdir(dir_a))
+        if os.path.exists(summary_path(dir_a, d)) and os.path.exists(summary_path(dir_b, d))
+    ]
+    if not names:
+        raise ValueError(f"{dir_a} and {dir_b} have no finished run of the same name")
+    groups = list(dict.fromkeys(d.rsplit("-seed", 1)[0] for d in names))
+
+    def read(directory, name):
+        with open(summary_path(directory, name)) as f:
+            return end_values(json.load(f))
+
+    out = [
+        f"B = {dir_b}, A = {dir_a}",
+        "",
+        "| metric | " + " | ".join(f"{g}: A | B | B - A" for g in groups) + " |",
+        "|---" * (len(groups) + 1) + "|",
+    ]
+    for key in BETWEEN:
+        cells = []
+        for g in groups:
+            runs = [d for d in names if d.rsplit("-seed", 1)[0] == g]
+            a = [read(dir_a, d)[key] for d in runs]
+            b = [read(dir_b, d)[key] for d in runs]
+            diff = show_interval([y - x for x, y in zip(a, b)])
+            cells.append(f"{np.mean(a):.3f} | {np.mean(b):.3f} | {diff}")
+        out.append(f"| {key} | " + " | ".join(cells) + " |")
+    seeds = sorted({d.rsplit("-seed", 1)[1] for d in names}, key=int)
+    out.append(f"\nSeeds {' '.join(seeds)}; paired by run name; mean [95 % t-interval].")
+    return "\n".join(out) + "\n"
 
 
 def plot(out_dir: str) -> str:
@@ -384,6 +494,7 @@ def held_out_success(model, tokenizer, s: ga.Settings, judge=None, tries: int = 
         generator=generator,
         judge=judge,
         tries=tries,
+        history=s.history,
     )
     return rewards.mean().item()
 
@@ -528,7 +639,14 @@ def label_noise(run_dir: str, iters: int = 20) -> str:
 
 
 # ---- Command line -------------------------------------------------------------------------------
-COMMANDS = ("compare", "plot", "self-check-control", "probe-baselines", "label-noise")
+COMMANDS = (
+    "compare",
+    "between",
+    "plot",
+    "self-check-control",
+    "probe-baselines",
+    "label-noise",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -555,6 +673,13 @@ def main(argv: list[str] | None = None) -> int:
             if not s.out_dir:
                 parser.error("--out-dir is required")
             print(compare(s, lab, s.out_dir))
+        elif command == "between":
+            if len(rest) != 2 or not all(os.path.isdir(d) for d in rest):
+                print(
+                    "experiments.py between: error: give two existing directories", file=sys.stderr
+                )
+                return 2
+            print(between_dirs(*rest))
         elif len(rest) != 1 or not os.path.isdir(rest[0]):
             print(f"experiments.py {command}: error: give one existing directory", file=sys.stderr)
             return 2

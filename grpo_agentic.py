@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -94,6 +95,11 @@ class Settings:
     minibatch_moves: int = arg(96, "target moves per gradient step (near-equal minibatches)")
     temperature: float = arg(1.0, "sampling temperature of rollouts (1.0 = the policy itself)")
     max_action_tokens: int = arg(4, "generation budget for one action, end-of-text included")
+    history: int = arg(
+        0,
+        "H: turns of history in each prompt, each the observation seen and the action ids written "
+        "(0 = the current observation only)",
+    )
     sft_steps: int = arg(150, "supervised warm-up steps on oracle moves before RL (0 = none)")
     sft_lr: float = arg(1e-3, "AdamW learning rate of the warm-up")
     sft_batch: int = arg(128, "(state, oracle move) pairs per warm-up step")
@@ -119,8 +125,11 @@ class Settings:
     probe_pairs: int = arg(16, "coupled (good, flawed) state pairs in the gradient-coupling probe")
     probe_states: int = arg(128, "start states per eval set where p_flawed and cls_bacc are read")
     model: str = arg("", "path or hub name of a causal LM ('' = the tiny GPT-2 from a config)")
-    tiny_layers: int = arg(3, "layers of the built-in tiny GPT-2")
-    tiny_dim: int = arg(96, "width of the built-in tiny GPT-2 (a multiple of its 4 heads)")
+    tiny_arch: str = arg(
+        "gpt2", "the built-in tiny model: 'gpt2' (learned positions) or 'llama' (rotary, RMSNorm)"
+    )
+    tiny_layers: int = arg(3, "layers of the built-in tiny model")
+    tiny_dim: int = arg(96, "width of the built-in tiny model (a multiple of its 4 heads)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     out_dir: str = arg("", "where the run's files go ('' = runs/<time>-seed<seed>)")
     overwrite: bool = arg(False, "allow writing into an --out-dir that already holds a run")
@@ -162,6 +171,7 @@ class Settings:
             "step_credit_coef",
             "gamma",
             "self_check",
+            "history",
         )
         for name in non_negative:
             need(getattr(self, name) >= 0, name, ">= 0")
@@ -171,6 +181,7 @@ class Settings:
         need(self.group_size >= 2, "group_size", ">= 2 (a group of one has no baseline)")
         need(self.tiny_dim % 4 == 0, "tiny_dim", "a multiple of 4 (the number of heads)")
         need(self.cls_labels in ("advantage", "oracle"), "cls_labels", "'advantage' or 'oracle'")
+        need(self.tiny_arch in ("gpt2", "llama"), "tiny_arch", "'gpt2' or 'llama'")
         need(
             self.train_tasks >= self.tasks_per_iter,
             "train_tasks",
@@ -233,12 +244,38 @@ def build_word_tokenizer():
     )
 
 
-def build_tiny_model(tokenizer, layers: int, dim: int, positions: int):
-    """A small GPT-2 from a config (random init). 3 layers x 96 wide is ~0.34 M parameters.
+TINY_NAMES = {"gpt2": "tiny GPT-2", "llama": "tiny Llama"}
+
+
+def build_tiny_model(tokenizer, layers: int, dim: int, positions: int, arch: str = "gpt2"):
+    """A small causal LM from a config (random init), 3 layers x 96 wide: ~0.33 M parameters.
+
+    arch 'gpt2': learned absolute positions, LayerNorm, a GELU MLP 4x wide. 'llama': rotary
+    positions, RMSNorm, a SwiGLU MLP 8/3 x wide (the same parameter count), as Llama and Qwen are.
     `positions`: the longest sequence it must read (GPT-2's positions are learned, and a longer
     input fails with an index error); never fewer than 64, so the default run's init is stable."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+    special = dict(
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=max(64, positions),
+            hidden_size=dim,
+            intermediate_size=8 * dim // 3,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            attention_dropout=0.0,
+            initializer_range=0.1,  # as for GPT-2 below
+            tie_word_embeddings=True,  # as GPT-2 does
+            **special,
+        )
+        return LlamaForCausalLM(config)
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=max(64, positions),
@@ -250,9 +287,7 @@ def build_tiny_model(tokenizer, layers: int, dim: int, positions: int):
         embd_pdrop=0.0,
         attn_pdrop=0.0,
         initializer_range=0.1,  # GPT-2's 0.02 leaves a tiny model on a long plateau here
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        **special,
     )
     return GPT2LMHeadModel(config)
 
@@ -275,7 +310,8 @@ def load_model(s: Settings, tokenizer, positions: int, device: torch.device):
     """The tiny built-in model, or any causal LM named by --model, checked to hold `positions`."""
     torch.manual_seed(s.seed)
     if not s.model:
-        return build_tiny_model(tokenizer, s.tiny_layers, s.tiny_dim, positions).to(device)
+        model = build_tiny_model(tokenizer, s.tiny_layers, s.tiny_dim, positions, s.tiny_arch)
+        return model.to(device)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(s.model, dtype=torch.float32)
@@ -288,8 +324,9 @@ def check_positions(s: Settings, config, positions: int) -> None:
     most = getattr(config, "max_position_embeddings", None)
     if most is not None and most < positions:
         raise ValueError(
-            f"--model {s.model} reads at most {most} positions; a prompt, an action of "
-            f"--max-action-tokens {s.max_action_tokens} and the verdict need {positions}"
+            f"--model {s.model} reads at most {most} positions; a prompt of --history "
+            f"{s.history}, an action of --max-action-tokens {s.max_action_tokens} and the "
+            f"verdict need {positions}"
         )
 
 
@@ -300,18 +337,58 @@ def action_ids_for(tokenizer, action: str) -> list[int]:
     return ids + [tokenizer.eos_token_id]
 
 
+def prompt_prefix(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before a text: Llama's <s>, nothing for GPT-2's."""
+    return tokenizer("", add_special_tokens=True)["input_ids"]
+
+
+def encode_observations(tokenizer, observations: list[str]) -> list[list[int]]:
+    """Each observation's ids, no special tokens: encoded once, then only ever concatenated."""
+    if not observations:  # a tokenizer fails on an empty batch
+        return []
+    return tokenizer(observations, add_special_tokens=False)["input_ids"]
+
+
 def encode_prompts(tokenizer, observations: list[str]) -> list[list[int]]:
-    return tokenizer(observations, add_special_tokens=True)["input_ids"]
+    """Prompts with an empty history: the prefix, then the observation."""
+    prefix = prompt_prefix(tokenizer)
+    return [prefix + ids for ids in encode_observations(tokenizer, observations)]
 
 
-def positions_needed(tokenizer, observations: list[str], max_action_tokens: int) -> int:
-    """The longest sequence a run reads: its longest prompt, a whole action (generated, or in the
+def history_prompt(
+    prefix: list[int], turns: list[tuple], observation_ids: list[int], history: int
+) -> list[int]:
+    """The prompt of one move, as ids: the last `history` turns of the episode, then what the agent
+    sees now. `turns` holds (observation ids, action ids as sampled) pairs, oldest first:
+
+        prompt = prefix + obs_{t-H} + act_{t-H} + ... + obs_{t-1} + act_{t-1} + obs_t
+
+    Token-in/token-out: the actions are the ids the policy wrote, never decoded text encoded again
+    (which can give other ids: ' le' + 'ft' decodes to ' left', one token when encoded again).
+
+    >>> history_prompt([9], [([1, 2], [5, 0]), ([1, 3], [6, 0])], [1, 4], history=1)
+    [9, 1, 3, 6, 0, 1, 4]
+    """
+    ids = list(prefix)
+    for seen, written in turns[max(0, len(turns) - history) :] if history else []:
+        ids += seen + written
+    return ids + observation_ids
+
+
+def positions_needed(
+    tokenizer, observations: list[str], max_action_tokens: int, history_turns: int = 0
+) -> int:
+    """The longest sequence a run reads: its longest prompt (`history_turns` turns of the longest
+    observation and action, then the longest observation), a whole action (generated, or in the
     action format the probes score), the verdict query and the longest verdict word."""
-    longest_prompt = max(len(ids) for ids in encode_prompts(tokenizer, observations))
+    longest_observation = max(len(ids) for ids in encode_observations(tokenizer, observations))
     probed = max(len(action_ids_for(tokenizer, a)) for a in toy_env.ACTIONS)  # probes score these
+    longest_action = max(max_action_tokens, probed)
+    turn = longest_observation + longest_action
+    longest_prompt = len(prompt_prefix(tokenizer)) + history_turns * turn + longest_observation
     query = tokenizer(VERDICT_QUERY, add_special_tokens=False)["input_ids"]
     verdict = max(len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in VERDICTS)
-    return longest_prompt + max(max_action_tokens, probed) + len(query) + verdict
+    return longest_prompt + longest_action + len(query) + verdict
 
 
 # ---- CORE: rollout -- all live episodes step together, one batched forward per token ----------
@@ -396,13 +473,15 @@ class Move:
     """One decision: what the policy read, what it wrote (token ids, as sampled), what it meant."""
 
     episode: int  # index into the rollout's B*G episodes (its group is episode // G)
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # everything the policy read: history, then the current observation
     action_ids: list[int]  # as sampled; end-of-text included when it was generated
     sample_logps: list[float]  # log pi(token) recorded while sampling, one per action id
     text: str  # decoded, for logs
     action: str | None  # the move these ids spell in the one action format; None = off-format
     good: bool  # oracle label: diagnostics and the oracle-label ablation only, never the reward
     good_moves: tuple = ()  # every move the oracle calls good at this state (same use)
+    observation_ids: list[int] = field(default_factory=list)  # the current observation alone
+    cell: tuple[int, int] | None = None  # where the agent stood (diagnostics)
 
 
 def rollout(
@@ -416,20 +495,25 @@ def rollout(
     generator: torch.Generator | None = None,
     judge=None,
     tries: int = 0,
+    history: int = 0,
 ):
     """Play `group_size` episodes on each layout, all at once: (moves, rewards (B, G), envs).
 
-    Only ids that spell ' move' + end-of-text exactly are a move; anything else (say 'left \\n \\n',
-    which the lenient environment would parse) is off-format and moves nothing. Self-check: with a
-    `judge(prompts, actions) -> [ok, ...]`, a rejected move is resampled (temperature sampling) up
-    to `tries` times; the last sample stands."""
+    Each prompt holds the episode's last `history` turns and the current observation
+    (history_prompt); an observation is encoded once, and the actions in the history are the ids
+    as sampled. Only ids that spell ' move' + end-of-text exactly are a move; anything else (say
+    'left \\n \\n', which the lenient environment would parse) is off-format and moves nothing.
+    Self-check: with a `judge(prompts, actions) -> [ok, ...]`, a rejected move is resampled
+    (temperature sampling) up to `tries` times; the last sample stands."""
     formats = {tuple(action_ids_for(tokenizer, a)): a for a in toy_env.ACTIONS}
+    prefix = prompt_prefix(tokenizer)
     envs = [toy_env.GridWorld.from_string(lay) for lay in layouts for _ in range(group_size)]
-    observations = [env.reset() for env in envs]
+    seen = encode_observations(tokenizer, [env.reset() for env in envs])  # current observation
+    turns = [[] for _ in envs]  # per episode: (observation ids, action ids) of each turn so far
     moves = []
     live = list(range(len(envs)))  # episodes still running
     while live:
-        prompt_ids = encode_prompts(tokenizer, [observations[i] for i in live])
+        prompt_ids = [history_prompt(prefix, turns[i], seen[i], history) for i in live]
         action_ids, logps, texts = generate_actions(
             model, tokenizer, prompt_ids, max_action_tokens, temperature, greedy, generator
         )
@@ -450,12 +534,17 @@ def rollout(
             )
             for k, a, lp, text in zip(pending, *redo):
                 action_ids[k], logps[k], texts[k] = a, lp, text
+        observations = {}
         for i, p, a, lp, text in zip(live, prompt_ids, action_ids, logps, texts):
             action = formats.get(tuple(a))
             good_moves = tuple(envs[i].good_actions())
+            cell = envs[i].pos
             observations[i], _, _, info = envs[i].step(action)
-            moves.append(Move(i, p, a, lp, text, action, info["good"], good_moves))
+            moves.append(Move(i, p, a, lp, text, action, info["good"], good_moves, seen[i], cell))
+            turns[i].append((seen[i], a))
         live = [i for i in live if not envs[i].done]
+        for i, ids in zip(live, encode_observations(tokenizer, [observations[i] for i in live])):
+            seen[i] = ids
     success = [float(env.pos == env.goal) for env in envs]
     rewards = torch.tensor(success).view(len(layouts), group_size)  # (B, G)
     return moves, rewards, envs
@@ -559,6 +648,17 @@ def move_advantages(
         step_adv = gigpo_step_advantages(anchors, returns, scale_by_std)  # (N,)
         move_adv = move_adv + step_credit_coef * step_adv
     return move_adv
+
+
+def step_anchors(episodes: list[int], observations: list[list[int]], group_size: int) -> list:
+    """GiGPO's anchor of each move: (task, the observation the agent sees now), history left out,
+    as verl-agent does. Keyed on the whole prompt, two moves with different pasts would never share
+    a group, and with history step credit would silently vanish.
+
+    >>> step_anchors([0, 1, 2], [[7, 8], [7, 8], [7, 8]], group_size=2)
+    [(0, (7, 8)), (0, (7, 8)), (1, (7, 8))]
+    """
+    return [(e // group_size, tuple(ids)) for e, ids in zip(episodes, observations)]
 
 
 # ---- CORE: the loss -- a clipped surrogate over the action tokens ------------------------------
@@ -903,13 +1003,18 @@ def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def classification_bacc(model, tokenizer, probe: list[tuple[str, list[str]]]) -> float:
-    """Balanced accuracy of the actor's verdict against the oracle, all 4 moves at probe states."""
-    observations = [o for o, _ in probe]
-    prompts = [p for p in encode_prompts(tokenizer, observations) for _ in toy_env.ACTIONS]
+def classification_bacc(
+    model, tokenizer, probe: list[tuple[str, list[str]]], prompts: list[list[int]] | None = None
+) -> float:
+    """Balanced accuracy of the actor's verdict against the oracle, all 4 moves at probe states
+    (observation, good moves). The prompts are the observations alone, unless `prompts` (ids, one
+    per state: a history, then the observation) are given."""
+    if prompts is None:
+        prompts = encode_prompts(tokenizer, [o for o, _ in probe])
+    asked = [p for p in prompts for _ in toy_env.ACTIONS]
     actions = [action_ids_for(tokenizer, a) for _ in probe for a in toy_env.ACTIONS]
     labels = torch.tensor([int(a in good) for _, good in probe for a in toy_env.ACTIONS])
-    predicted = verdict_is_good(model, tokenizer, prompts, actions).long().cpu()  # (S*4,)
+    predicted = verdict_is_good(model, tokenizer, asked, actions).long().cpu()  # (S*4,)
     return balanced_accuracy(predicted, labels)
 
 
@@ -976,7 +1081,89 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
     }
 
 
+FAILURE_KINDS = ("bump_toward", "detour_toward", "away", "off_format")
+
+
+def flaw_kind(move: Move, env: toy_env.GridWorld) -> str:
+    """Which of FAILURE_KINDS a flawed move is; `env` is its episode's (walls and goal)."""
+    if move.action is None:
+        return "off_format"
+    toward = env.heads_for_goal(move.action, move.cell)
+    bumped = env.next_pos(move.cell, move.action) == move.cell
+    if toward and bumped:
+        return "bump_toward"
+    return "detour_toward" if toward else "away"
+
+
+def failure_anatomy(moves: list[Move], envs: list[toy_env.GridWorld]) -> dict:
+    """How episodes fail, and whether the agent repeats a bump (oracle labels: diagnostics only).
+
+    fail_<kind>        share of the failed episodes whose first flawed move is of that kind:
+                       bump_toward   a bump into a wall in the goal's direction (the coupled error:
+                                     the move is good in the twin state without that wall)
+                       detour_toward a step toward the goal where a wall forces a detour
+                       away          any other flawed move: a step, or a bump, away from the goal
+                       off_format    text that is not one of the four moves
+    repeat_after_bump  over bumps followed by another move of the same episode, the share of next
+                       moves with the same ids. 1.0 by construction for a greedy policy without
+                       history: after a bump it reads the same prompt again.
+    A share of nothing (no failure, no bump) is NaN."""
+    by_episode: dict[int, list[Move]] = {}
+    for m in moves:  # in the order played
+        by_episode.setdefault(m.episode, []).append(m)
+    kinds, repeats = [], []
+    for episode, played in by_episode.items():
+        env = envs[episode]
+        if env.pos != env.goal:
+            kinds.append(flaw_kind(next(m for m in played if not m.good), env))
+        for move, after in zip(played, played[1:]):
+            if move.action is not None and env.next_pos(move.cell, move.action) == move.cell:
+                repeats.append(after.action_ids == move.action_ids)
+    row = {
+        f"fail_{kind}": kinds.count(kind) / len(kinds) if kinds else math.nan
+        for kind in FAILURE_KINDS
+    }
+    row["repeat_after_bump"] = float(np.mean(repeats)) if repeats else math.nan
+    return row
+
+
+def after_bump_prompts(tokenizer, bumps: list[tuple[str, str]], history: int) -> list[list[int]]:
+    """Prompts right after a bump, one per (observation, move) pair where the move bumps into a
+    wall: that observation and that move as the last turn, then the same observation again."""
+    prefix = prompt_prefix(tokenizer)
+    seen = encode_observations(tokenizer, [o for o, _ in bumps])
+    written = [action_ids_for(tokenizer, a) for _, a in bumps]
+    return [history_prompt(prefix, [(o, a)], o, history) for o, a in zip(seen, written)]
+
+
+@torch.no_grad()
+def repeat_probability(model, tokenizer, bumps: list[tuple[str, str]], history: int) -> float:
+    """The recovery probe: over states right after a bump (after_bump_prompts), the mean
+    probability of bumping again,
+
+        p_repeat = mean pi(move | [observation, move] as the last turn, then the same observation)
+
+    With history = 0 the prompt is the observation alone: nothing tells the policy it just bumped,
+    and p_repeat is the probability of the move at that state."""
+    prompts = after_bump_prompts(tokenizer, bumps, history)
+    written = [action_ids_for(tokenizer, a) for _, a in bumps]
+    logps = sequence_logprobs(model, prompts, written, tokenizer.pad_token_id)  # (S,)
+    return logps.exp().mean().item()
+
+
 # ---- Training loop: warm-up, then GRPO iterations (rollout -> credit -> update -> log) ---------
+def random_walk(env: toy_env.GridWorld, pos: tuple, steps: int, rng: np.random.Generator):
+    """`steps` random moves from `pos` (bumps included, never onto the goal): the turns of a
+    made-up history, as (observation, move) pairs, and the cell where it ends."""
+    turns = []
+    for _ in range(steps):
+        options = [a for a in toy_env.ACTIONS if env.next_pos(pos, a) != env.goal]
+        move = options[rng.integers(len(options))]
+        turns.append((env.observation(pos), move))
+        pos = env.next_pos(pos, move)
+    return turns, pos
+
+
 def sft_warmup(
     model,
     tokenizer,
@@ -985,20 +1172,31 @@ def sft_warmup(
     lr: float,
     batch: int,
     rng: np.random.Generator,
+    history: int = 0,
 ) -> list[float]:
-    """Supervised warm-up: maximise log pi(oracle move | random state), action tokens only."""
+    """Supervised warm-up: maximise log pi(oracle move | random state), action tokens only.
+    With history > 0 each prompt is in the format RL will show: a random walk of 0..history turns
+    (bumps included) leads to the state, so RL does not start out of distribution."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     envs = [toy_env.GridWorld.from_string(x) for x in layouts]
     device = next(model.parameters()).device
+    prefix = prompt_prefix(tokenizer)
     losses = []
     for _ in range(steps):
-        observations, targets = [], []
+        prompts, targets = [], []
         for env in (envs[k] for k in rng.integers(len(envs), size=batch)):
             pos = env.free_cells()[rng.integers(len(env.free_cells()))]  # a random state
+            walked = []
+            if history:
+                walked, pos = random_walk(env, pos, int(rng.integers(history + 1)), rng)
             good = env.good_actions(pos)
-            observations.append(env.observation(pos))
+            turns = [
+                (encode_observations(tokenizer, [seen])[0], action_ids_for(tokenizer, move))
+                for seen, move in walked
+            ]
+            observation_ids = encode_observations(tokenizer, [env.observation(pos)])[0]
+            prompts.append(history_prompt(prefix, turns, observation_ids, history))
             targets.append(action_ids_for(tokenizer, good[rng.integers(len(good))]))  # a good move
-        prompts = encode_prompts(tokenizer, observations)
         ids, attention, action_mask = build_batch(
             prompts, targets, tokenizer.pad_token_id, device
         )  # (n, T) each
@@ -1011,7 +1209,7 @@ def sft_warmup(
 
 
 @torch.no_grad()
-def evaluate(
+def greedy_episodes(
     model,
     tokenizer,
     layouts: list[str],
@@ -1019,10 +1217,11 @@ def evaluate(
     seed: int,
     self_check: int = 0,
     temperature: float = 1.0,
-) -> float:
-    """Greedy success rate, one episode per layout; restores the train/eval mode it found. With
-    self_check = K, a move the actor's own verdict calls bad is resampled (at `temperature`, from
-    a generator seeded with `seed`) up to K times."""
+    history: int = 0,
+):
+    """One greedy episode per layout: (moves, rewards (B, 1), envs); restores the train/eval mode
+    it found. With self_check = K, a move the actor's own verdict calls bad is resampled (at
+    `temperature`, from a generator seeded with `seed`) up to K times."""
     was_training = model.training
     model.eval()
 
@@ -1030,7 +1229,7 @@ def evaluate(
         return verdict_is_good(model, tokenizer, prompts, actions).tolist()
 
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    _, rewards, _ = rollout(
+    played = rollout(
         model,
         tokenizer,
         layouts,
@@ -1041,8 +1240,26 @@ def evaluate(
         generator=generator,
         judge=judge,
         tries=self_check,
+        history=history,
     )
     model.train(was_training)
+    return played
+
+
+def evaluate(
+    model,
+    tokenizer,
+    layouts: list[str],
+    max_action_tokens: int,
+    seed: int,
+    self_check: int = 0,
+    temperature: float = 1.0,
+    history: int = 0,
+) -> float:
+    """Greedy success rate, one episode per layout (see greedy_episodes)."""
+    _, rewards, _ = greedy_episodes(
+        model, tokenizer, layouts, max_action_tokens, seed, self_check, temperature, history
+    )
     return rewards.mean().item()
 
 
@@ -1060,14 +1277,30 @@ def all_observations(layouts: list[str]) -> list[str]:
     return [env.observation(pos) for env in envs for pos in env.free_cells()]
 
 
+@functools.lru_cache(maxsize=8)
+def bump_states(split: str, n: int, seed: int) -> tuple[tuple[str, str, tuple], ...]:
+    """Up to `n` (observation, move, good moves) where the move bumps into a wall in the goal's
+    direction: the flawed twins of toy_env.coupled_pairs. Cached: measured at every evaluation."""
+    bumps = []
+    for _, flawed_layout, move in toy_env.coupled_pairs(split, n, seed):
+        env = toy_env.GridWorld.from_string(flawed_layout)
+        if env.heads_for_goal(move):
+            bumps.append((env.observation(), move, tuple(env.good_actions())))
+    return tuple(bumps)
+
+
 def measure(model, tokenizer, eval_sets: dict, s: Settings, log, it: int) -> dict:
-    """Greedy success on both evaluation sets, then the probes; logs one line."""
+    """Greedy success on both evaluation sets, how held-out episodes fail, then the probes; logs
+    one line."""
     t = time.time()
     row = {}
     for split, layouts in eval_sets.items():
-        row[f"eval_{split}_success"] = evaluate(
-            model, tokenizer, layouts, s.max_action_tokens, s.seed, self_check=0
+        moves, rewards, envs = greedy_episodes(
+            model, tokenizer, layouts, s.max_action_tokens, s.seed, history=s.history
         )
+        row[f"eval_{split}_success"] = rewards.mean().item()
+        if split == "held_out":
+            row.update(failure_anatomy(moves, envs))
     if s.self_check and it == s.iters:  # at the end only: costly, and final
         row["eval_held_out_success_self_check"] = evaluate(
             model,
@@ -1077,6 +1310,7 @@ def measure(model, tokenizer, eval_sets: dict, s: Settings, log, it: int) -> dic
             s.seed,
             s.self_check,
             s.temperature,
+            s.history,
         )
     row["eval_s"] = time.time() - t
     start_states = {}  # split -> [(observation, good moves)] at the start of its first layouts
@@ -1094,6 +1328,11 @@ def measure(model, tokenizer, eval_sets: dict, s: Settings, log, it: int) -> dic
     row.update(coupling_probe(model, tokenizer, pairs))
     row["cls_bacc_train"] = classification_bacc(model, tokenizer, start_states["train"])
     row["cls_bacc_held_out"] = classification_bacc(model, tokenizer, start_states["held_out"])
+    bumps = bump_states("held_out", s.probe_states, s.data_seed)  # (observation, move, good)
+    row["p_repeat_bump"] = repeat_probability(model, tokenizer, [b[:2] for b in bumps], s.history)
+    after_bump = after_bump_prompts(tokenizer, [b[:2] for b in bumps], s.history)
+    probe = [(o, good) for o, _, good in bumps]
+    row["cls_bacc_after_bump"] = classification_bacc(model, tokenizer, probe, after_bump)
     row["probe_s"] = time.time() - t - row["eval_s"]
     shown = " | ".join(f"{k} {v:.4f}" for k, v in row.items() if not k.endswith("_s"))
     log(f"measure @ iter {it}: {shown}")
@@ -1123,6 +1362,7 @@ def sample_iteration(model, tokenizer, pool: list[str], s: Settings, rng, genera
         s.max_action_tokens,
         s.temperature,
         generator=generator,
+        history=s.history,
     )
 
 
@@ -1170,7 +1410,7 @@ def warm_start(model, tokenizer, s: Settings, log=print) -> dict:
     rng = np.random.default_rng(s.seed)  # tasks, warm-up states, minibatch order
     t = time.time()
     pool = task_sets(s)[0]
-    losses = sft_warmup(model, tokenizer, pool, s.sft_steps, s.sft_lr, s.sft_batch, rng)
+    losses = sft_warmup(model, tokenizer, pool, s.sft_steps, s.sft_lr, s.sft_batch, rng, s.history)
     if losses:
         took = time.time() - t
         log(f"warm-up: {s.sft_steps} steps, nll {losses[0]:.3f} -> {losses[-1]:.3f} ({took:.1f}s)")
@@ -1184,10 +1424,14 @@ def load_policy(s: Settings, device: torch.device):
 
 
 def positions_for(s: Settings, tokenizer) -> int:
-    """The longest sequence this run reads, over every state of its layouts."""
+    """The longest sequence this run reads, over every state of its layouts. A prompt holds at
+    most (longest budget - 1) turns of history: a larger --history adds nothing."""
     pool, eval_sets = task_sets(s)
-    observations = all_observations(pool + eval_sets["held_out"])
-    return positions_needed(tokenizer, observations, s.max_action_tokens)
+    layouts = pool + eval_sets["held_out"]
+    longest_budget = max(toy_env.GridWorld.from_string(x).max_steps for x in layouts)
+    history_turns = min(s.history, longest_budget - 1)
+    observations = all_observations(layouts)
+    return positions_needed(tokenizer, observations, s.max_action_tokens, history_turns)
 
 
 def train(s: Settings, out_dir: str, log=print, start: dict | None = None):
@@ -1202,7 +1446,7 @@ def train(s: Settings, out_dir: str, log=print, start: dict | None = None):
     pool, eval_sets = task_sets(s)
     num_params = sum(p.numel() for p in model.parameters())
     log(
-        f"policy: {s.model or 'tiny GPT-2'}, {num_params:,} parameters, on {device}; "
+        f"policy: {s.model or TINY_NAMES[s.tiny_arch]}, {num_params:,} parameters, on {device}; "
         f"{len(pool)} train layouts; greedy evaluation on {len(eval_sets['train'])} in-domain "
         f"and {len(eval_sets['held_out'])} held-out layouts"
     )
@@ -1224,9 +1468,9 @@ def train(s: Settings, out_dir: str, log=print, start: dict | None = None):
             prompts = [m.prompt_ids for m in moves]
             actions = [m.action_ids for m in moves]
             episodes = [m.episode for m in moves]
-            anchors = None  # GiGPO's step groups: (task, observation)
+            anchors = None  # GiGPO's step groups: (task, current observation)
             if s.step_credit_coef:
-                anchors = [(e // s.group_size, tuple(p)) for e, p in zip(episodes, prompts)]
+                anchors = step_anchors(episodes, [m.observation_ids for m in moves], s.group_size)
             move_adv = move_advantages(
                 rewards, episodes, anchors, s.step_credit_coef, s.gamma, s.scale_by_std
             )  # (N,)

@@ -583,6 +583,166 @@ def test_generation_holds_no_more_positions_than_the_model_has(tmp_path, capsys)
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
 
+# ---- history: prompts, token-in/token-out, the mask, anchors, the failure anatomy ---------------
+def scripted_policy(tokenizer, pick):
+    """A stand-in for generate_actions: reads the current observation (a prompt's last 21 ids on a
+    4x4 grid) and writes the move `pick(env, cell)` in the action format (None: an empty action,
+    off-format), log-prob 0."""
+
+    def generate(model, tok, prompts, max_tokens, temperature, greedy, generator):
+        ids, texts = [], []
+        for prompt in prompts:
+            grid = tokenizer.decode(prompt[-21:]).replace(" ", "").split("action:")[0]
+            env = toy_env.GridWorld.from_string(grid, max_steps=99)
+            move = pick(env, env.start)
+            ids.append(ga.action_ids_for(tokenizer, move) if move else [tokenizer.eos_token_id])
+            texts.append(f" {move}" if move else "")
+        return ids, [[0.0] * len(a) for a in ids], texts
+
+    return generate
+
+
+def toward_goal_first(env, cell):
+    """A policy that heads for the goal down, then right, and never looks at walls."""
+    return "down" if env.goal[0] > cell[0] else "right" if env.goal[1] > cell[1] else "left"
+
+
+def test_history_prompt_holds_the_last_h_turns_as_exact_ids(monkeypatch):
+    """Bug caught: a window off by one, turns in the wrong order, or history in the H=0 prompt."""
+    tokenizer = ga.build_word_tokenizer()
+    monkeypatch.setattr(ga, "generate_actions", scripted_policy(tokenizer, toward_goal_first))
+    layout = "A...\n....\n....\n...G"  # down, down, down, right, right, right: 6 moves
+    moves, rewards, _ = ga.rollout(None, tokenizer, [layout], 1, 4, 1.0, history=2)
+    assert float(rewards) == 1.0 and len(moves) == 6
+    env = toy_env.GridWorld.from_string(layout)
+    seen, written = [], []
+    for m in moves:  # replay: what the agent saw and wrote at each turn
+        seen.append(tokenizer(env.observation(), add_special_tokens=False)["input_ids"])
+        written.append(ga.action_ids_for(tokenizer, m.action))
+        env.step(m.action)
+    for t, m in enumerate(moves):
+        expected = []
+        for k in range(max(0, t - 2), t):
+            expected += seen[k] + written[k]
+        assert m.prompt_ids == expected + seen[t] and m.observation_ids == seen[t]
+    markov, _, _ = ga.rollout(None, tokenizer, [layout], 1, 4, 1.0, history=0)
+    assert [m.prompt_ids for m in markov] == seen
+
+
+def test_history_carries_the_sampled_ids_not_their_re_tokenised_text():
+    """Token-in/token-out on a BPE model: a sampled action whose decode-then-encode gives other
+    ids, and the next prompt of its episode carries the ids as sampled. Bug caught: building the
+    history from decoded text."""
+    tokenizer, model = bpe_gpt2()
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    layouts = toy_env.sample_layouts("train", 4, seed=0)
+    moves, _, _ = ga.rollout(model, tokenizer, layouts, 4, 4, 1.0, generator=generator, history=1)
+    checked = 0
+    for m, after in zip(moves, moves[1:] + [None]):
+        text = tokenizer.decode(m.action_ids)
+        if tokenizer(text, add_special_tokens=False)["input_ids"] == m.action_ids:
+            continue  # re-tokenising would not show
+        nxt = next((x for x in moves[moves.index(m) + 1 :] if x.episode == m.episode), None)
+        if nxt is None:
+            continue
+        assert nxt.prompt_ids == m.observation_ids + m.action_ids + nxt.observation_ids
+        checked += 1
+    assert checked >= 1
+
+
+def test_no_history_token_gets_a_gradient_only_the_current_moves_action_ids_do():
+    """Bug caught: a loss mask that trains what the environment wrote (observations) or what the
+    agent wrote in earlier turns. The gradient of the loss reaches exactly the current move's
+    action ids; and the update's recomputed log-probs equal the recorded ones (ratio 1). The
+    model is sized for H = 2 (a model of 64 positions could not read these prompts)."""
+    s = ga.Settings(tiny_layers=1, tiny_dim=32, history=2, data_seed=3)
+    model, tokenizer = ga.load_policy(s, torch.device("cpu"))
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    layouts = toy_env.sample_layouts("held_out", 4, seed=3)
+    moves, _, _ = ga.rollout(model, tokenizer, layouts, 2, 4, 1.0, generator=generator, history=2)
+    late = [m for m in moves if len(m.prompt_ids) > len(m.observation_ids)]  # with history
+    assert len({len(m.prompt_ids) for m in late}) >= 2  # rows of several lengths: padding
+    prompts, actions = [m.prompt_ids for m in late], [m.action_ids for m in late]
+    ids, attention, action_mask = ga.build_batch(prompts, actions, tokenizer.pad_token_id, "cpu")
+    logp = ga.token_logprobs(model, ids, attention).detach().requires_grad_(True)  # (N, T)
+    old = torch.zeros_like(logp)
+    old[action_mask == 1] = torch.tensor([lp for m in late for lp in m.sample_logps])
+    advantages = torch.linspace(-1.0, 1.0, len(late))
+    loss, info = ga.grpo_loss(logp, old, advantages, action_mask, clip_eps=0.2)
+    loss.backward()
+    trained = logp.grad != 0  # (N, T)
+    for i, (p, a) in enumerate(zip(prompts, actions)):
+        where = trained[i].nonzero().flatten().tolist()
+        assert where == list(range(len(p), len(p) + len(a))) or advantages[i] == 0
+    assert info["ratio_dev"] < 1e-5
+
+
+def test_gigpo_anchors_with_history_are_the_groups_without(monkeypatch):
+    """Bug caught: anchors keyed on the whole prompt. With history no two prompts of different
+    pasts are equal and step credit would vanish; keyed on the current observation, the step
+    groups of the same rollouts are the same with H = 2 as with H = 0."""
+    tokenizer = ga.build_word_tokenizer()
+
+    def wander(env, cell):  # a move decided by the observation alone, revisiting states
+        return toy_env.ACTIONS[(cell[0] * 3 + cell[1] + env.goal[1]) % 4]
+
+    monkeypatch.setattr(ga, "generate_actions", scripted_policy(tokenizer, wander))
+    layouts = toy_env.sample_layouts("train", 3, seed=2)
+    groups = []
+    for history in (0, 2):
+        moves, _, _ = ga.rollout(None, tokenizer, layouts, 3, 4, 1.0, history=history)
+        episodes = [m.episode for m in moves]
+        anchors = ga.step_anchors(episodes, [m.observation_ids for m in moves], 3)
+        partition = {}
+        for i, key in enumerate(anchors):
+            partition.setdefault(key, []).append(i)
+        groups.append(sorted(partition.values()))
+        whole_prompts = {(e // 3, tuple(m.prompt_ids)) for e, m in zip(episodes, moves)}
+    assert groups[0] == groups[1] and max(len(g) for g in groups[0]) > 1
+    assert len(whole_prompts) > len(groups[1])  # keyed on prompts, groups would split
+
+
+def test_failure_anatomy_counts_on_a_scripted_policy(monkeypatch):
+    """Five scripted episodes: four fail, each first flawed move of another kind, one succeeds
+    after a bump. Bug caught: a wrong category, a share over all episodes instead of the failed
+    ones, a bump counted as repeated across episodes, or a bump followed by another move."""
+    tokenizer = ga.build_word_tokenizer()
+    plans = {  # layout -> its moves, in order (the last one repeats)
+        "A#..\n....\n....\n...G": ["right"],  # bumps toward G, 8 times: 7 repeats
+        ".A..\n###.\n....\nG...": ["left"],  # toward G but G is 8 away that way: detour; then
+        #                                       9 bumps away from G: 8 repeats
+        "..A.\n....\n....\nG...": ["right"],  # a step away from G, then 6 bumps: 5 repeats
+        "A...\n....\n....\n...G": [None],  # off-format: never moves, never bumps
+        "A...\n#...\nG...\n....": ["down", "right", "down", "down", "left"],  # bump, then on
+    }
+    played = {layout: 0 for layout in plans}
+
+    def same_walls_and_goal(layout, env):
+        other = toy_env.GridWorld.from_string(layout)
+        return (other.walls, other.goal) == (env.walls, env.goal)
+
+    def pick(env, cell):
+        layout = next(x for x in plans if same_walls_and_goal(x, env))
+        played[layout] += 1
+        moves = plans[layout]
+        return moves[min(played[layout], len(moves)) - 1]
+
+    monkeypatch.setattr(ga, "generate_actions", scripted_policy(tokenizer, pick))
+    moves, rewards, envs = ga.rollout(None, tokenizer, list(plans), 1, 4, 1.0)
+    assert rewards.flatten().tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
+    assert ga.failure_anatomy(moves, envs) == pytest.approx(
+        {
+            "fail_bump_toward": 1 / 4,
+            "fail_detour_toward": 1 / 4,
+            "fail_away": 1 / 4,
+            "fail_off_format": 1 / 4,
+            "repeat_after_bump": 20 / 21,
+        }
+    )
+
+
 # ---- the paper's analysis (Lemma 3.1, Theorem 3.2, gradient coupling) ---------------------------
 @pytest.mark.parametrize("q, r", [(0.3, 0.4), (0.6, 0.2)])
 def test_lemma_3_1_flawed_action_has_negative_expected_advantage(q, r):

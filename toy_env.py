@@ -196,6 +196,14 @@ class GridWorld:
         action = parse_action(action_text)
         return action is not None and self.distance[self.next_pos(pos, action)] < self.distance[pos]
 
+    def heads_for_goal(self, action: str, pos: tuple[int, int] | None = None) -> bool:
+        """Does `action` point toward the goal as the crow flies (walls ignored)? A bump that does
+        is the coupled error: the move that would be good if this wall were not there."""
+        pos = self.pos if pos is None else self.check_pos(pos)
+        (dr, dc), (gr, gc) = MOVES[action], self.goal
+        before = abs(gr - pos[0]) + abs(gc - pos[1])
+        return abs(gr - pos[0] - dr) + abs(gc - pos[1] - dc) < before
+
     def good_actions(self, pos: tuple[int, int] | None = None) -> list[str]:
         return [a for a in ACTIONS if self.is_good(a, pos)]
 
