@@ -1,19 +1,24 @@
-"""The lab beside the reference: arms over seeds, paired intervals, tables, plots, controls.
+"""The lab beside the reference: arms over seeds and regimes, paired intervals, tables, controls.
 
-    python experiments.py compare --out-dir results/compare     # 4 arms x 5 seeds: 20 runs
-    python experiments.py plot results/compare                   # compare.png (needs matplotlib)
-    python experiments.py self-check-control results/compare     # verdict vs a coin, same rate
-    python experiments.py probe-baselines results/default        # what the coupling probe reads
-    python experiments.py label-noise results/default            # advantage labels vs the oracle
+    python experiments.py compare --out-dir results/compare-llama --tiny-arch llama
+                                              # 3 arms x 2 regimes (H = 0, 2) x 5 seeds: 30 runs
+    python experiments.py between results/compare-gpt2 results/compare-llama   # same runs, 2 models
+    python experiments.py plot results/compare-llama          # compare.png (needs matplotlib)
+    python experiments.py self-check-control results/compare-llama   # verdict vs a coin
+    python experiments.py probe-baselines results/default     # what the coupling probe reads
+    python experiments.py label-noise results/default         # advantage labels vs the oracle
 
-`compare` trains every arm on every seed with the same budget: GRPO, GRPO + the actor's own
-classification (GCD) with advantage labels and with oracle labels, and GiGPO. A seed fixes the
+`compare` trains every arm in every regime on every seed with the same budget. Arms (--arms):
+GRPO, GRPO + the actor's own classification (GCD) with oracle labels, GiGPO (and GCD with
+advantage labels, on request). Regimes (--histories): the --history of every arm. A seed fixes the
 initialisation, the rollouts and the layouts (train and held-out sets are drawn with the seed as
-their data seed), so the arms of one seed share everything up to the warm start, which is made
-once per seed and reused. Differences between arms are paired by seed, with 95 % Student-t
-intervals. The flags of grpo_agentic.py apply to every arm (e.g. --iters 50), except those the
-comparison sets per arm and seed (--seed, --data-seed, --cls-coef, --cls-labels,
---step-credit-coef, --self-check): use --seeds, --gcd-coef, --gigpo-coef, --self-check-tries.
+their data seed), so the arms of one regime and seed share everything up to the warm start, which
+is made once per regime and seed and reused. Differences between arms are paired by seed within a
+regime, and differences between regimes by arm and seed, with 95 % Student-t intervals. The flags
+of grpo_agentic.py apply to every run (e.g. --iters 50, --tiny-arch llama), except those the
+comparison sets per run (--seed, --data-seed, --history, --cls-coef, --cls-labels,
+--step-credit-coef, --self-check): use --seeds, --histories, --gcd-coef, --gigpo-coef,
+--self-check-tries.
 """
 
 from __future__ import annotations

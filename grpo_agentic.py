@@ -1176,7 +1176,8 @@ def sft_warmup(
 ) -> list[float]:
     """Supervised warm-up: maximise log pi(oracle move | random state), action tokens only.
     With history > 0 each prompt is in the format RL will show: a random walk of 0..history turns
-    (bumps included) leads to the state, so RL does not start out of distribution."""
+    (bumps included; never more than an episode can have) leads to the state, so RL does not
+    start out of distribution."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     envs = [toy_env.GridWorld.from_string(x) for x in layouts]
     device = next(model.parameters()).device
@@ -1187,8 +1188,9 @@ def sft_warmup(
         for env in (envs[k] for k in rng.integers(len(envs), size=batch)):
             pos = env.free_cells()[rng.integers(len(env.free_cells()))]  # a random state
             walked = []
-            if history:
-                walked, pos = random_walk(env, pos, int(rng.integers(history + 1)), rng)
+            if history:  # an episode has at most max_steps - 1 turns before its last move
+                longest = min(history, env.max_steps - 1)
+                walked, pos = random_walk(env, pos, int(rng.integers(longest + 1)), rng)
             good = env.good_actions(pos)
             turns = [
                 (encode_observations(tokenizer, [seen])[0], action_ids_for(tokenizer, move))

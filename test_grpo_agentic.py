@@ -581,6 +581,16 @@ def test_generation_holds_no_more_positions_than_the_model_has(tmp_path, capsys)
     assert code == 2 and "reads at most 20 positions" in err, err
     assert "need 27" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "b").exists()  # refused before anything was written
+    # H = 2 turns of 21 observation + 4 action ids before the prompt: 27 + 2 * 25 = 77 positions
+    code = ga.main(["--model", str(tmp_path / "m"), "--history", "2", "--out-dir", str(tmp_path)])
+    assert code == 2 and "a prompt of --history 2" in capsys.readouterr().err
+    s = ga.Settings(**TINY, history=2)
+    assert ga.positions_for(s, ga.build_word_tokenizer()) == 77
+    longest = ga.Settings(**TINY, history=1000)  # capped at the longest budget - 1 turns
+    budget = max(toy_env.GridWorld.from_string(x).max_steps for x in ga.task_sets(longest)[0])
+    assert ga.positions_for(longest, ga.build_word_tokenizer()) >= 27 + (budget - 1) * 25
+    args = [*TINY_ARGS, "--history", "1000", "--iters", "1", "--eval-tasks", "2"]
+    assert ga.main([*args, "--probe-states", "2", "--out-dir", str(tmp_path / "c")]) == 0
 
 
 # ---- history: prompts, token-in/token-out, the mask, anchors, the failure anatomy ---------------
@@ -1104,41 +1114,46 @@ def test_student_t_quantiles_match_the_table():
 
 def test_compare_writes_paired_tables_in_worker_processes_and_resumes(tmp_path, capsys):
     """Bug caught: a resumed comparison that retrains finished runs (or reads another arm's
-    summary), or one that silently mixes in runs made with other settings."""
+    summary), one that silently mixes in runs made with other settings, or a between-regimes
+    cell that pairs the wrong runs."""
     args = ["compare", *TINY_ARGS, "--iters", "2", "--eval-every", "2", "--seeds", "0", "1"]
+    args += ["--arms", "grpo", "gigpo", "--histories", "0", "1"]
     args += ["--workers", "2", "--out-dir", str(tmp_path)]
     assert experiments.main(args) == 0
     table = (tmp_path / "compare.md").read_text()
-    header = (
-        "| paired difference | grpo+cls-advantage - grpo | grpo+cls-oracle - grpo | gigpo - grpo |"
-    )
-    assert table.count("### ") == 3 and table.count(header) == 3  # credit, chain, success
-    assert table.count("| grpo: end - start |") == 1  # the chain: GRPO's own change too
+    header = "| paired difference | gigpo - grpo |"
+    assert table.count("## History H = ") == 2 and table.count("## Between regimes") == 1
+    assert table.count("### ") == 8 and table.count(header) == 8  # 4 tables per regime
+    assert table.count("| grpo: end - start |") == 4  # the chain and the anatomy, per regime
     for key in ("adv_flawed_rel", "hidden_cos", "eval_held_out_success_self_check"):
-        assert table.count(f"| {key} | ") == 2  # arm means, paired differences
+        assert table.count(f"| {key} | ") == 4 + (key in experiments.BETWEEN)  # + between
     ends = {}
     for arm in ("grpo", "gigpo"):
-        for seed in (0, 1):
-            summary = json.loads((tmp_path / f"{arm}-seed{seed}" / "summary.json").read_text())
-            ends[arm, seed] = summary["end"]["hidden_cos"]
-    diff = experiments.show_interval([ends["gigpo", x] - ends["grpo", x] for x in (0, 1)])
-    row = next(r for r in table.splitlines()[::-1] if r.startswith("| hidden_cos |"))
-    assert row.rstrip(" |").split(" | ")[3] == diff  # gigpo - grpo, from the runs' summaries
+        for h in (0, 1):
+            for seed in (0, 1):
+                run = tmp_path / experiments.run_name(arm, h, seed) / "summary.json"
+                ends[arm, h, seed] = json.loads(run.read_text())["end"]["hidden_cos"]
+    rows = [
+        r.rstrip(" |").split(" | ") for r in table.splitlines() if r.startswith("| hidden_cos |")
+    ]
+    diff = experiments.show_interval([ends["gigpo", 1, x] - ends["grpo", 1, x] for x in (0, 1)])
+    assert rows[3][1] == diff  # regime H = 1: gigpo - grpo, from the runs' summaries
+    between = experiments.show_interval([ends["gigpo", 1, x] - ends["gigpo", 0, x] for x in (0, 1)])
+    assert rows[4][2] == between  # gigpo: h1 - h0
     runs = [d for d in tmp_path.iterdir() if d.is_dir()]
     settings = {d.name: json.loads((d / "settings.json").read_text()) for d in runs}
-    assert len(settings) == 8 and settings["grpo-seed1"]["seed"] == 1
-    assert settings["grpo-seed1"]["data_seed"] == 1  # the layouts vary with the seed
-    assert settings["grpo-seed1"]["cls_coef"] == 0
-    assert settings["grpo+cls-oracle-seed0"]["cls_labels"] == "oracle"
-    assert settings["grpo+cls-oracle-seed0"]["cls_coef"] == 0.5
-    arms = ("grpo-seed0", "grpo+cls-oracle-seed0", "gigpo-seed1")
-    assert [settings[d]["step_credit_coef"] for d in arms] == [0, 0, 1]
+    assert len(settings) == 8 and settings["grpo-h0-seed1"]["seed"] == 1
+    assert settings["grpo-h0-seed1"]["data_seed"] == 1  # the layouts vary with the seed
+    assert settings["grpo-h1-seed0"]["history"] == 1 and settings["gigpo-h0-seed0"]["history"] == 0
+    assert [settings[d]["step_credit_coef"] for d in ("grpo-h1-seed0", "gigpo-h1-seed1")] == [0, 1]
     assert {x["self_check"] for x in settings.values()} == {3}  # every arm, at the end
-    summary = json.loads((tmp_path / "gigpo-seed1" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "gigpo-h1-seed1" / "summary.json").read_text())
     assert "eval_held_out_success_self_check" in summary["end"]
     assert "eval_held_out_success_self_check" not in summary["start"]
     files = [tmp_path / d / "metrics.jsonl" for d in settings]
-    files += [tmp_path / f"warm-start-seed{x}.pt" for x in (0, 1)]  # one per seed, shared
+    warm = [tmp_path / f"warm-start-h{h}-seed{x}.pt" for h in (0, 1) for x in (0, 1)]
+    files += warm  # one per regime and seed, shared by the arms
+    assert sorted(f.name for f in tmp_path.glob("warm-start*")) == sorted(f.name for f in warm)
     written = {f: f.stat().st_mtime_ns for f in files}
     capsys.readouterr()
     assert experiments.main(args) == 2  # a started comparison is never silently mixed into
@@ -1152,28 +1167,38 @@ def test_compare_writes_paired_tables_in_worker_processes_and_resumes(tmp_path, 
     assert "made with other settings (iters 3 here, 2 there)" in err
     assert len(err.strip().splitlines()) == 1
     assert {f: f.stat().st_mtime_ns for f in files} == written  # nothing was touched
+    capsys.readouterr()
+    assert experiments.main(["between", str(tmp_path), str(tmp_path)]) == 0
+    shown = capsys.readouterr().out
+    assert "grpo-h0: A | B | B - A" in shown and "+0.000 [+0.000, +0.000]" in shown
 
 
 def test_compare_tables_hand_computed():
-    """Two seeds, made-up values: arm means, one paired difference and GRPO's own change.
-    Bug caught: a cell that reads another arm, the wrong seed's start, or a constant."""
+    """Two seeds, made-up values: arm means, one paired difference, GRPO's own change, and one
+    difference between regimes. Bug caught: a cell that reads another arm, the wrong seed's
+    start, the wrong regime, or a constant."""
     keys = [k for _, metrics, _ in experiments.TABLES for k in metrics]
     end, start = {}, {}
     for k, arm in enumerate(experiments.ARMS):
         for seed in (0, 1):
             end[arm, seed] = {key: 0.5 + 0.1 * k + 0.02 * seed for key in keys}
             start[arm, seed] = {key: 0.4 - 0.03 * seed for key in keys}
-    table = experiments.tables(end, start, [0, 1]).splitlines()
+    table = experiments.tables(end, start, [0, 1], list(experiments.ARMS)).splitlines()
     means, diffs = [r.rstrip(" |").split(" | ") for r in table if r.startswith("| hidden_cos |")]
-    assert means[1:] == [
-        "0.510",
-        "0.610",
-        "0.710",
-        "0.810",
-    ]  # mean of 0.50 + 0.1 k and 0.52 + 0.1 k
+    assert means[1:] == ["0.510", "0.610", "0.710", "0.810"]  # 0.50 + 0.1 k and 0.52 + 0.1 k
     assert diffs[3] == "+0.300 [+0.300, +0.300]"  # gigpo - grpo: 0.3 on both seeds
     # grpo's end - start: 0.10 and 0.15; mean 0.125, half-width 12.706 * 0.0354 / sqrt(2) = 0.318
     assert diffs[4] == "+0.125 [-0.193, +0.443]"
+    by_regime = {
+        (arm, h, x): {k: v + 0.05 * h * (1 + x) for k, v in end[arm, x].items()}
+        for arm in experiments.ARMS
+        for h in (0, 2)
+        for x in (0, 1)
+    }
+    between = experiments.between_regimes(by_regime, [0, 1], ["grpo", "gigpo"], [0, 2])
+    row = next(r for r in between.splitlines() if r.startswith("| hidden_cos |"))
+    # gigpo: h2 - h0 is 0.10 and 0.20: mean 0.15, half-width 12.706 * 0.0707 / sqrt(2) = 0.635
+    assert row.rstrip(" |").split(" | ")[2] == "+0.150 [-0.485, +0.785]"
 
 
 def test_compare_refuses_flags_it_sets_per_arm(tmp_path, capsys):
@@ -1181,7 +1206,7 @@ def test_compare_refuses_flags_it_sets_per_arm(tmp_path, capsys):
     args = ["compare", *TINY_ARGS, "--iters", "1", "--seeds", "0", "--workers", "1"]
     args += ["--cls-coef", "2", "--out-dir", str(tmp_path / "c")]  # small, should it ever run
     assert experiments.main(args) == 2
-    assert "use --seeds, --gcd-coef" in capsys.readouterr().err
+    assert "use --seeds, --histories, --gcd-coef" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 
 
