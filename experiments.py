@@ -7,6 +7,7 @@
     python experiments.py self-check-control results/compare-llama   # verdict vs a coin
     python experiments.py probe-baselines results/default     # what the coupling probe reads
     python experiments.py label-noise results/default         # advantage labels vs the oracle
+    python experiments.py bump-memory results/compare-llama  # what memory of bumps is worth
 
 `compare` trains every arm in every regime on every seed with the same budget. Arms (--arms):
 GRPO, GRPO + the actor's own classification (GCD) with oracle labels, GiGPO (and GCD with
@@ -643,6 +644,72 @@ def label_noise(run_dir: str, iters: int = 20) -> str:
     )
 
 
+@torch.no_grad()
+def greedy_with_bump_memory(model, tokenizer, layouts: list[str], memory: bool) -> float:
+    """Success of a Markov policy (history 0) taking, at each turn, its most likely of the four
+    moves in the action format; with `memory`, the most likely among those that have not already
+    bumped into a wall at this cell in this episode: perfect memory of that one fact."""
+    envs = [toy_env.GridWorld.from_string(x) for x in layouts]
+    bumped = [set() for _ in envs]  # per episode: (cell, move) pairs that left the agent in place
+    live = list(range(len(envs)))
+    while live:
+        observations = [envs[i].observation() for i in live for _ in toy_env.ACTIONS]
+        moves = list(toy_env.ACTIONS) * len(live)
+        logps = ga.action_logprobs(model, tokenizer, observations, moves).view(len(live), -1)
+        for k, i in enumerate(live):
+            cell = envs[i].pos
+            ranked = [toy_env.ACTIONS[j] for j in logps[k].argsort(descending=True).tolist()]
+            allowed = [m for m in ranked if not (memory and (cell, m) in bumped[i])]
+            envs[i].step(allowed[0])
+            if envs[i].pos == cell:
+                bumped[i].add((cell, allowed[0]))
+        live = [i for i in live if not envs[i].done]
+    return float(np.mean([env.pos == env.goal for env in envs]))
+
+
+def bump_memory(compare_dir: str) -> str:
+    """The yardstick for history: each H = 0 GRPO policy of a comparison on its held-out layouts,
+    without and with perfect memory of its bumps, against what GRPO with history reached."""
+    runs = sorted(d for d in os.listdir(compare_dir) if d.startswith("grpo-h0-seed"))
+    rows = {}
+    for d in runs:
+        if not os.path.exists(summary_path(compare_dir, d)):
+            continue
+        model, tokenizer, s = saved_policy(os.path.join(compare_dir, d))
+        layouts = ga.task_sets(s)[1]["held_out"]
+        row = {
+            "argmax": greedy_with_bump_memory(model, tokenizer, layouts, memory=False),
+            "memory": greedy_with_bump_memory(model, tokenizer, layouts, memory=True),
+        }
+        for h in sorted(
+            {
+                int(x.split("-h")[1].split("-")[0])
+                for x in os.listdir(compare_dir)
+                if x.startswith("grpo-h") and x.endswith(f"seed{s.seed}")
+            }
+        ):
+            with open(summary_path(compare_dir, f"grpo-h{h}-seed{s.seed}")) as f:
+                row[f"greedy h{h}"] = json.load(f)["eval_held_out_success"]
+        rows[s.seed] = row
+        print(f"seed {s.seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    if not rows:
+        raise ValueError(f"{compare_dir} holds no finished grpo-h0-seed* run")
+    keys = list(next(iter(rows.values())))
+    lines = ["| held-out success | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines.append(
+        "| mean | "
+        + " | ".join(f"{np.mean([r[k] for r in rows.values()]):.3f}" for k in keys)
+        + " |"
+    )
+    gain = [r["memory"] - r["argmax"] for r in rows.values()]
+    lines.append(f"\nmemory - argmax (what remembering bumps is worth): {show_interval(gain)}")
+    for k in keys[3:]:
+        learned = [r[k] - r["greedy h0"] for r in rows.values()]
+        lines.append(f"{k} - greedy h0 (what RL with history learned): {show_interval(learned)}")
+    lines.append(f"\nSeeds {' '.join(map(str, rows))}; paired by seed, mean [95 % t-interval].")
+    return "\n".join(lines)
+
+
 # ---- Command line -------------------------------------------------------------------------------
 COMMANDS = (
     "compare",
@@ -651,6 +718,7 @@ COMMANDS = (
     "self-check-control",
     "probe-baselines",
     "label-noise",
+    "bump-memory",
 )
 
 
@@ -694,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
             print(self_check_control_table(rest[0]))
         elif command == "probe-baselines":
             print(probe_baselines(rest[0]))
+        elif command == "bump-memory":
+            print(bump_memory(rest[0]))
         else:
             print(label_noise(rest[0]))
     except (OSError, ValueError, ImportError) as e:

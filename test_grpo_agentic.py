@@ -753,6 +753,23 @@ def test_failure_anatomy_counts_on_a_scripted_policy(monkeypatch):
     )
 
 
+def test_bump_memory_yardstick_skips_only_moves_that_bumped_at_this_cell(monkeypatch):
+    """A policy that always ranks down > right > left > up, on a grid where down bumps into a wall
+    at the start and into the edge at (3, 2). Without memory it repeats the first bump until the
+    budget runs out; with memory it takes right after each bump and arrives in 7 moves, the budget.
+    Bug caught: memory kept per episode but not per cell (it would skip down at every later
+    cell), or none at all."""
+
+    def ranked(model, tokenizer, observations, moves):
+        order = {"down": 0.0, "right": -1.0, "left": -2.0, "up": -3.0}
+        return torch.tensor([order[m] for m in moves])
+
+    monkeypatch.setattr(ga, "action_logprobs", ranked)
+    layouts = [".A..\n.#..\n....\n...G"]
+    assert experiments.greedy_with_bump_memory(None, None, layouts, memory=False) == 0.0
+    assert experiments.greedy_with_bump_memory(None, None, layouts, memory=True) == 1.0
+
+
 # ---- the paper's analysis (Lemma 3.1, Theorem 3.2, gradient coupling) ---------------------------
 @pytest.mark.parametrize("q, r", [(0.3, 0.4), (0.6, 0.2)])
 def test_lemma_3_1_flawed_action_has_negative_expected_advantage(q, r):
