@@ -264,8 +264,9 @@ def check_existing(jobs: list[ga.Settings], warm_paths: dict[tuple, str]) -> Non
 
 
 def compare_job(job: tuple[ga.Settings, str, int]) -> dict:
-    """One (arm, seed) run, in a worker process with its share of the CPU threads, from the seed's
-    warm start (made by the first of its arms to start). A finished run is read back."""
+    """One (arm, history, seed) run, in a worker process with its share of the CPU threads, from
+    the warm start of its history and seed (made by the first of its arms to start). A finished run
+    is read back."""
     s, warm_path, workers = job
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     summary_path = os.path.join(s.out_dir, "summary.json")
@@ -326,7 +327,7 @@ def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
 
 
 def between_regimes(end: dict, seeds: list[int], arms: list[str], histories: list[int]) -> str:
-    """Each arm with history H against the same arm and seed without (the first regime):
+    """Each arm with history H against the same arm and seed in the first regime (H = 0 here):
     paired differences of BETWEEN. `end` is keyed by (arm, history, seed)."""
     base = histories[0]
     columns = [f"{arm}: h{h} - h{base}" for h in histories[1:] for arm in arms]
@@ -668,45 +669,46 @@ def greedy_with_bump_memory(model, tokenizer, layouts: list[str], memory: bool) 
 
 
 def bump_memory(compare_dir: str) -> str:
-    """The yardstick for history: each H = 0 GRPO policy of a comparison on its held-out layouts,
-    without and with perfect memory of its bumps, against what GRPO with history reached."""
-    runs = sorted(d for d in os.listdir(compare_dir) if d.startswith("grpo-h0-seed"))
+    """The yardstick for history: each finished H = 0 GRPO policy of a comparison on its held-out
+    layouts, without and with perfect memory of its bumps, beside the greedy success GRPO reached
+    in each regime of the same seed (regimes finished for every such seed only)."""
+    finished = {d for d in os.listdir(compare_dir) if os.path.exists(summary_path(compare_dir, d))}
+    seeds = sorted(int(d.rsplit("-seed", 1)[1]) for d in finished if d.startswith("grpo-h0-seed"))
+    if not seeds:
+        raise ValueError(f"{compare_dir} holds no finished grpo-h0-seed* run")
+    histories = sorted(
+        int(d[len("grpo-h") :].split("-")[0]) for d in finished if d.startswith("grpo-h")
+    )
+    histories = [
+        h
+        for h in dict.fromkeys(histories)
+        if all(run_name("grpo", h, x) in finished for x in seeds)
+    ]
     rows = {}
-    for d in runs:
-        if not os.path.exists(summary_path(compare_dir, d)):
-            continue
-        model, tokenizer, s = saved_policy(os.path.join(compare_dir, d))
+    for seed in seeds:
+        model, tokenizer, s = saved_policy(os.path.join(compare_dir, run_name("grpo", 0, seed)))
         layouts = ga.task_sets(s)[1]["held_out"]
         row = {
             "argmax": greedy_with_bump_memory(model, tokenizer, layouts, memory=False),
             "memory": greedy_with_bump_memory(model, tokenizer, layouts, memory=True),
         }
-        for h in sorted(
-            {
-                int(x.split("-h")[1].split("-")[0])
-                for x in os.listdir(compare_dir)
-                if x.startswith("grpo-h") and x.endswith(f"seed{s.seed}")
-            }
-        ):
-            with open(summary_path(compare_dir, f"grpo-h{h}-seed{s.seed}")) as f:
+        for h in histories:
+            with open(summary_path(compare_dir, run_name("grpo", h, seed))) as f:
                 row[f"greedy h{h}"] = json.load(f)["eval_held_out_success"]
-        rows[s.seed] = row
-        print(f"seed {s.seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
-    if not rows:
-        raise ValueError(f"{compare_dir} holds no finished grpo-h0-seed* run")
-    keys = list(next(iter(rows.values())))
+        rows[seed] = row
+        print(f"seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    keys = list(rows[seeds[0]])
+    means = [np.mean([r[k] for r in rows.values()]) for k in keys]
     lines = ["| held-out success | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    lines.append(
-        "| mean | "
-        + " | ".join(f"{np.mean([r[k] for r in rows.values()]):.3f}" for k in keys)
-        + " |"
-    )
+    lines.append("| mean | " + " | ".join(f"{m:.3f}" for m in means) + " |")
     gain = [r["memory"] - r["argmax"] for r in rows.values()]
     lines.append(f"\nmemory - argmax (what remembering bumps is worth): {show_interval(gain)}")
-    for k in keys[3:]:
-        learned = [r[k] - r["greedy h0"] for r in rows.values()]
-        lines.append(f"{k} - greedy h0 (what RL with history learned): {show_interval(learned)}")
-    lines.append(f"\nSeeds {' '.join(map(str, rows))}; paired by seed, mean [95 % t-interval].")
+    for h in histories[1:]:
+        learned = [r[f"greedy h{h}"] - r["greedy h0"] for r in rows.values()]
+        lines.append(
+            f"greedy h{h} - greedy h0 (what RL with history gained): {show_interval(learned)}"
+        )
+    lines.append(f"\nSeeds {' '.join(map(str, seeds))}; paired by seed, mean [95 % t-interval].")
     return "\n".join(lines)
 
 

@@ -248,7 +248,8 @@ TINY_NAMES = {"gpt2": "tiny GPT-2", "llama": "tiny Llama"}
 
 
 def build_tiny_model(tokenizer, layers: int, dim: int, positions: int, arch: str = "gpt2"):
-    """A small causal LM from a config (random init), 3 layers x 96 wide: ~0.33 M parameters.
+    """A small causal LM from a config (random init), 3 layers x 96 wide: 0.34 M parameters for
+    GPT-2 (with 64 learned positions), 0.33 M for Llama.
 
     arch 'gpt2': learned absolute positions, LayerNorm, a GELU MLP 4x wide. 'llama': rotary
     positions, RMSNorm, a SwiGLU MLP 8/3 x wide (the same parameter count), as Llama and Qwen are.
@@ -658,6 +659,8 @@ def step_anchors(episodes: list[int], observations: list[list[int]], group_size:
     >>> step_anchors([0, 1, 2], [[7, 8], [7, 8], [7, 8]], group_size=2)
     [(0, (7, 8)), (0, (7, 8)), (1, (7, 8))]
     """
+    if not all(observations):  # an empty key would put every move of a task into one group
+        raise ValueError("step_anchors needs each move's observation ids (Move.observation_ids)")
     return [(e // group_size, tuple(ids)) for e, ids in zip(episodes, observations)]
 
 
@@ -1085,7 +1088,8 @@ FAILURE_KINDS = ("bump_toward", "detour_toward", "away", "off_format")
 
 
 def flaw_kind(move: Move, env: toy_env.GridWorld) -> str:
-    """Which of FAILURE_KINDS a flawed move is; `env` is its episode's (walls and goal)."""
+    """Which of FAILURE_KINDS a move the oracle calls flawed is; `env` is its episode's (walls and
+    goal). Only meaningful for flawed moves: a good detour move would come out as "away"."""
     if move.action is None:
         return "off_format"
     toward = env.heads_for_goal(move.action, move.cell)
@@ -1099,8 +1103,9 @@ def failure_anatomy(moves: list[Move], envs: list[toy_env.GridWorld]) -> dict:
     """How episodes fail, and whether the agent repeats a bump (oracle labels: diagnostics only).
 
     fail_<kind>        share of the failed episodes whose first flawed move is of that kind:
-                       bump_toward   a bump into a wall in the goal's direction (the coupled error:
-                                     the move is good in the twin state without that wall)
+                       bump_toward   a bump into a wall in the goal's direction, as the crow flies
+                                     (the coupled error: without that wall the move would
+                                     usually be good)
                        detour_toward a step toward the goal where a wall forces a detour
                        away          any other flawed move: a step, or a bump, away from the goal
                        off_format    text that is not one of the four moves
@@ -1343,7 +1348,9 @@ def measure(model, tokenizer, eval_sets: dict, s: Settings, log, it: int) -> dic
 
 def oracle_labelled_pairs(moves: list[Move], tokenizer):
     """The upper bound only a toy allows: all 4 moves (in the action format) at every distinct
-    state visited, labelled by the oracle (1 = good, 0 = bad): (prompts, actions, labels)."""
+    prompt visited, labelled by the oracle (1 = good, 0 = bad): (prompts, actions, labels). With
+    history a prompt is a (history, observation) pair: the verdict is read in the context the
+    move was made in, and a cell reached along several paths appears once per path."""
     states = {tuple(m.prompt_ids): m.good_moves for m in moves}  # distinct visited states
     pairs = [(state, a) for state in states for a in toy_env.ACTIONS]
     prompts = [list(state) for state, _ in pairs]

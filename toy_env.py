@@ -198,7 +198,7 @@ class GridWorld:
 
     def heads_for_goal(self, action: str, pos: tuple[int, int] | None = None) -> bool:
         """Does `action` point toward the goal as the crow flies (walls ignored)? A bump that does
-        is the coupled error: the move that would be good if this wall were not there."""
+        is the coupled error: without this wall the move would usually be good."""
         pos = self.pos if pos is None else self.check_pos(pos)
         (dr, dc), (gr, gc) = MOVES[action], self.goal
         before = abs(gr - pos[0]) + abs(gc - pos[1])
