@@ -8,6 +8,7 @@
     python experiments.py probe-baselines results/default     # what the coupling probe reads
     python experiments.py label-noise results/default         # advantage labels vs the oracle
     python experiments.py bump-memory results/compare-llama  # what memory of bumps is worth
+    python experiments.py rollout-speed [old/grpo_agentic.py]  # decisions/s at H = 0, 2, longest
 
 `compare` trains every arm in every regime on every seed with the same budget. Arms (--arms):
 GRPO, GRPO + the actor's own classification (GCD) with oracle labels, GiGPO (and GCD with
@@ -712,6 +713,52 @@ def bump_memory(compare_dir: str) -> str:
     return "\n".join(lines)
 
 
+def rollout_speed(rounds: int = 9, other_file: str | None = None) -> str:
+    """Decisions per second of `rollout` at H = 0, 2 and the longest H the budget allows, each on
+    an untrained tiny GPT-2 sized for it (every episode runs its whole budget, so prompts reach
+    their longest), 16 layouts x 8 episodes per rollout, 1 thread, the variants taking turns in one
+    process so that a busy machine slows them alike; medians over `rounds`. With `other_file`
+    (another version of grpo_agentic.py), its rollout at H = 0 on the same model takes turns too."""
+    import importlib.util
+    import statistics
+    import time
+
+    torch.set_num_threads(1)
+    tokenizer = ga.build_word_tokenizer()
+    s = ga.Settings()
+    pool, eval_sets = ga.task_sets(s)
+    layouts = pool + eval_sets["held_out"]
+    longest = max(toy_env.GridWorld.from_string(x).max_steps for x in layouts) - 1
+    variants = {}
+    for h in dict.fromkeys((0, 2, longest)):
+        torch.manual_seed(0)
+        positions = ga.positions_for(dataclasses.replace(s, history=h), tokenizer)
+        model = ga.build_tiny_model(tokenizer, s.tiny_layers, s.tiny_dim, positions).eval()
+        variants[f"H = {h}"] = (ga.rollout, model, {"history": h})
+        if h == 0 and other_file:
+            spec = importlib.util.spec_from_file_location("other_version", other_file)
+            other = importlib.util.module_from_spec(spec)
+            sys.modules["other_version"] = other  # dataclasses look their module up here
+            spec.loader.exec_module(other)
+            variants[f"H = 0, {other_file}"] = (other.rollout, model, {})
+    rates = {name: [] for name in variants}
+    rng = np.random.default_rng(0)
+    for r in range(rounds):
+        picked = [pool[k] for k in rng.choice(len(pool), size=16, replace=False)]
+        for name, (play, model, history) in variants.items():
+            generator = torch.Generator().manual_seed(r)
+            t = time.perf_counter()
+            moves, _, _ = play(model, tokenizer, picked, 8, 4, 1.0, generator=generator, **history)
+            rates[name].append(len(moves) / (time.perf_counter() - t))
+    lines = ["| rollout | decisions per second (median) | relative to H = 0 |", "|---|---|---|"]
+    base = statistics.median(rates["H = 0"])
+    for name, values in rates.items():
+        rate = statistics.median(values)
+        lines.append(f"| {name} | {rate:.0f} | {rate / base:.2f} |")
+    lines.append(f"\n{rounds} rounds; the longest H the budget allows is {longest}.")
+    return "\n".join(lines)
+
+
 # ---- Command line -------------------------------------------------------------------------------
 COMMANDS = (
     "compare",
@@ -721,6 +768,7 @@ COMMANDS = (
     "probe-baselines",
     "label-noise",
     "bump-memory",
+    "rollout-speed",
 )
 
 
@@ -748,6 +796,11 @@ def main(argv: list[str] | None = None) -> int:
             if not s.out_dir:
                 parser.error("--out-dir is required")
             print(compare(s, lab, s.out_dir))
+        elif command == "rollout-speed":
+            if len(rest) > 1 or (rest and not os.path.isfile(rest[0])):
+                print("experiments.py rollout-speed: error: give at most one file", file=sys.stderr)
+                return 2
+            print(rollout_speed(9, rest[0] if rest else None))
         elif command == "between":
             if len(rest) != 2 or not all(os.path.isdir(d) for d in rest):
                 print(
