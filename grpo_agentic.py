@@ -218,7 +218,7 @@ class NonFiniteError(RuntimeError):
     """A loss or the logits became NaN/inf: stop rather than train on garbage."""
 
 
-# ---- Model & tokenizer ------------------------------------------------------------------------
+# ---- Model, tokenizer, prompts ----------------------------------------------------------------
 # The verdict (GCD): after a move the text " verdict:" is appended, and the actor's own LM head
 # scores the verdict words. Listed by label, so that verdict column c is label c everywhere.
 VERDICT_QUERY = " verdict:"
