@@ -137,7 +137,7 @@ ANATOMY = tuple(f"fail_{kind}" for kind in ga.FAILURE_KINDS) + (
 TABLES = (  # (title, metrics, with GRPO's own change from start to end as a yardstick?)
     ("Credit: what the advantage says about flawed moves (over all iterations)", CREDIT, False),
     ("The chain, link by link (end of training)", CHAIN, True),
-    ("Success, greedy, and with the self-check (end of training)", SUCCESS, False),
+    ("Success, greedy, and with the self-check (end of training)", SUCCESS, True),
     ("How held-out episodes fail, and recovery after a bump (end of training)", ANATOMY, True),
 )
 BETWEEN = SUCCESS[:2] + ANATOMY + CHAIN  # compared between regimes, arm by arm
@@ -315,9 +315,11 @@ def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
             cells = []
             for arm in others:
                 cells.append(show_interval([end[arm, x][key] - end["grpo", x][key] for x in seeds]))
-            if with_own_change:
+            if with_own_change and all(key in start["grpo", x] for x in seeds):
                 own = [end["grpo", x][key] - start["grpo", x][key] for x in seeds]
                 cells.append(show_interval(own))
+            elif with_own_change:
+                cells.append("not measured at the start")
             out.append(f"| {key} | " + " | ".join(cells) + " |")
         out.append("")
     out.append(

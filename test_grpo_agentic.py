@@ -1182,7 +1182,8 @@ def test_compare_writes_paired_tables_in_worker_processes_and_resumes(tmp_path, 
     header = "| paired difference | gigpo - grpo |"
     assert table.count("## History H = ") == 2 and table.count("## Between regimes") == 1
     assert table.count("### ") == 8 and table.count(header) == 8  # 4 tables per regime
-    assert table.count("| grpo: end - start |") == 4  # the chain and the anatomy, per regime
+    assert table.count("| grpo: end - start |") == 6  # chain, success, anatomy, per regime
+    assert table.count("not measured at the start") == 2  # the self-check: at the end only
     for key in ("adv_flawed_rel", "hidden_cos", "eval_held_out_success_self_check"):
         assert table.count(f"| {key} | ") == 4 + (key in experiments.BETWEEN)  # + between
     ends = {}
