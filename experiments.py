@@ -309,6 +309,9 @@ def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
         columns = [f"{arm} - grpo" for arm in others]
         if with_own_change:
             columns.append("grpo: end - start")
+        if not columns:  # GRPO alone, and nothing to compare it with
+            out.append("")
+            continue
         out += ["", "| paired difference | " + " | ".join(columns) + " |"]
         out.append("|---" * (len(columns) + 1) + "|")
         for key in keys:
