@@ -712,7 +712,7 @@ def bump_memory(compare_dir: str) -> str:
     for h in histories[1:]:
         learned = [r[f"greedy h{h}"] - r["greedy h0"] for r in rows.values()]
         lines.append(
-            f"greedy h{h} - greedy h0 (what RL with history gained): {show_interval(learned)}"
+            f"greedy h{h} - greedy h0 (history: its warm-up and RL): {show_interval(learned)}"
         )
     lines.append(f"\nSeeds {' '.join(map(str, seeds))}; paired by seed, mean [95 % t-interval].")
     return "\n".join(lines)
