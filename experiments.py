@@ -420,7 +420,7 @@ def between_dirs(dir_a: str, dir_b: str) -> str:
         f"B = {dir_b}, A = {dir_a}",
         "",
         "| metric | " + " | ".join(f"{g}: A | B | B - A" for g in groups) + " |",
-        "|---" * (len(groups) + 1) + "|",
+        "|---" * (3 * len(groups) + 1) + "|",
     ]
     for key in BETWEEN:
         cells = []

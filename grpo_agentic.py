@@ -4,16 +4,18 @@
     python grpo_agentic.py --help                                # every setting, with its meaning
     python grpo_agentic.py --model runs/<run>/policy --iters 0 --sft-steps 0   # evaluate a policy
 
-A tiny GPT-2 (built from a config: nothing is downloaded) is warm-started on oracle moves, then
-trained with GRPO: for B layouts it plays G episodes each; every turn the policy reads the grid as
-text and *writes* its move; the reward is 1 if the goal is reached within the budget, else 0. Every
-move inherits its episode's advantage, the reward standardised within its group of G (GiGPO's
-step-level credit can be added). The actor can also judge its own moves (the paper's classification
-objective, GCD) and use that verdict at evaluation (a self-check); probes measure the paper's claims
-as training goes: flawed moves' credit, squeezing, coupling.
+A tiny Llama (built from a config: nothing is downloaded; `--tiny-arch gpt2` for a GPT-2) is
+warm-started on oracle moves, then trained with GRPO: for B layouts it plays G episodes each; every
+turn the policy reads the grid as text (with `--history H`, also its last H turns) and *writes* its
+move; the reward is 1 if the goal is reached within the budget, else 0. Every move inherits its
+episode's advantage, the reward standardised within its group of G (GiGPO's step-level credit can be
+added). The actor can also judge its own moves (the paper's classification objective, GCD) and use
+that verdict at evaluation (a self-check); probes measure the paper's claims as training goes:
+flawed moves' credit, squeezing, coupling, and how episodes fail.
 
-Sections follow the data: settings -> model -> rollout -> advantages and loss -> classification
--> update -> diagnostics -> training loop -> command line. `CORE` marks the sections worth copying:
+Sections follow the data: settings -> model and prompts -> rollout -> advantages and loss
+-> classification -> update -> diagnostics -> training loop -> command line. `CORE` marks the
+sections worth copying:
 their functions take a model, a tokenizer, ids, tensors and plain numbers, never `Settings`. The
 comparison of arms over seeds lives in experiments.py. Deviations from DeepSeekMath GRPO and from
 the paper, and why: README.md.
@@ -124,9 +126,9 @@ class Settings:
     )
     probe_pairs: int = arg(16, "coupled (good, flawed) state pairs in the gradient-coupling probe")
     probe_states: int = arg(128, "start states per eval set where p_flawed and cls_bacc are read")
-    model: str = arg("", "path or hub name of a causal LM ('' = the tiny GPT-2 from a config)")
+    model: str = arg("", "path or hub name of a causal LM ('' = the tiny model from a config)")
     tiny_arch: str = arg(
-        "gpt2", "the built-in tiny model: 'gpt2' (learned positions) or 'llama' (rotary, RMSNorm)"
+        "llama", "the built-in tiny model: 'llama' (rotary, RMSNorm) or 'gpt2' (learned positions)"
     )
     tiny_layers: int = arg(3, "layers of the built-in tiny model")
     tiny_dim: int = arg(96, "width of the built-in tiny model (a multiple of its 4 heads)")

@@ -1151,7 +1151,10 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_cleanly_and_keeps_outputs(tmp_path, capsys):
+    """A GPT-2 at lr 1e30 overflows within 6 iterations (the Llama's RMSNorm keeps its logits
+    finite that long)."""
     args = [*TINY_ARGS, "--sft-steps", "30", "--group-size", "8", "--iters", "6", "--lr", "1e30"]
+    args += ["--tiny-arch", "gpt2"]
     code = ga.main([*args, "--lr-warmup-iters", "0", "--out-dir", str(tmp_path)])
     assert code == 1 and "stopped" in capsys.readouterr().err
     for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
@@ -1445,8 +1448,9 @@ def test_classification_adds_no_parameters_and_its_gradient_reaches_the_trunk():
     prompts, actions, labels = coupled_examples(tokenizer, toy_env.coupled_pairs("train", 4, 0))
     ga.classification_loss(model, tokenizer, prompts, actions, labels).backward()
     assert sum(p.numel() for p in model.parameters()) == count  # read off the LM head
-    assert model.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0  # the shared trunk
-    assert model.transformer.wte.weight.grad.abs().sum() > 0
+    first_layer = [p for n, p in model.named_parameters() if ".layers.0." in n]  # Llama's
+    assert first_layer and all(p.grad.abs().sum() > 0 for p in first_layer)  # the shared trunk
+    assert model.get_input_embeddings().weight.grad.abs().sum() > 0
 
 
 def test_classification_separates_good_and_bad_representations_on_unseen_pairs():
