@@ -431,8 +431,11 @@ def between_dirs(dir_a: str, dir_b: str) -> str:
             diff = show_interval([y - x for x, y in zip(a, b)])
             cells.append(f"{np.mean(a):.3f} | {np.mean(b):.3f} | {diff}")
         out.append(f"| {key} | " + " | ".join(cells) + " |")
-    seeds = sorted({d.rsplit("-seed", 1)[1] for d in names}, key=int)
-    out.append(f"\nSeeds {' '.join(seeds)}; paired by run name; mean [95 % t-interval].")
+    seeds = {
+        g: [d.rsplit("-seed", 1)[1] for d in names if d.rsplit("-seed", 1)[0] == g] for g in groups
+    }
+    shown = "; ".join(f"{g}: {' '.join(sorted(x, key=int))}" for g, x in seeds.items())
+    out.append(f"\nSeeds ({shown}); paired by run name; mean [95 % t-interval].")
     return "\n".join(out) + "\n"
 
 
@@ -720,10 +723,11 @@ def bump_memory(compare_dir: str) -> str:
 
 def rollout_speed(rounds: int = 9, other_file: str | None = None) -> str:
     """Decisions per second of `rollout` at H = 0, 2 and the longest H the budget allows, each on
-    an untrained tiny GPT-2 sized for it (every episode runs its whole budget, so prompts reach
-    their longest), 16 layouts x 8 episodes per rollout, 1 thread, the variants taking turns in one
-    process so that a busy machine slows them alike; medians over `rounds`. With `other_file`
-    (another version of grpo_agentic.py), its rollout at H = 0 on the same model takes turns too."""
+    an untrained built-in tiny model sized for it (every episode runs its whole budget, so prompts
+    reach their longest), 16 layouts x 8 episodes per rollout, 1 thread, the variants taking turns
+    in one process so that a busy machine slows them alike; medians over `rounds`. With
+    `other_file` (another version of grpo_agentic.py), its rollout at H = 0 on the same model takes
+    turns too."""
     import importlib.util
     import statistics
     import time
@@ -738,7 +742,8 @@ def rollout_speed(rounds: int = 9, other_file: str | None = None) -> str:
     for h in dict.fromkeys((0, 2, longest)):
         torch.manual_seed(0)
         positions = ga.positions_for(dataclasses.replace(s, history=h), tokenizer)
-        model = ga.build_tiny_model(tokenizer, s.tiny_layers, s.tiny_dim, positions).eval()
+        model = ga.build_tiny_model(tokenizer, s.tiny_layers, s.tiny_dim, positions, s.tiny_arch)
+        model.eval()
         variants[f"H = {h}"] = (ga.rollout, model, {"history": h})
         if h == 0 and other_file:
             spec = importlib.util.spec_from_file_location("other_version", other_file)
