@@ -1,6 +1,6 @@
 """Tests as documentation: hand-computed math, env rules, masking, batching, and runs of the CLI.
 
-Run:  python -m pytest -q test_grpo_agentic.py      (about 75 s on 2 CPU cores)
+Run:  python -m pytest -q test_grpo_agentic.py      (about 110 s on 2 CPU cores)
 Where a docstring says "Bug caught", the test was seen to fail with that bug put in on purpose.
 """
 
