@@ -330,16 +330,16 @@ def test_build_batch_action_mask_with_pad_equal_to_eos_matches_one_at_a_time(tin
     assert torch.allclose(batched, torch.cat(one_by_one), atol=1e-5)
 
 
-def test_batched_rollout_matches_one_episode_at_a_time(tiny):
-    """Left padding (3x3 and 4x4 prompts together) must be invisible: greedy batched episodes and
-    their recorded log-probs equal those of a one-by-one loop. Fails with an all-ones mask or
-    unshifted positions."""
-    s, model, tokenizer = tiny
-    layouts = mixed_layouts()
-    batched, rewards, _ = ga.rollout(model, tokenizer, layouts, 1, 4, 1.0, greedy=True)
-    assert len({len(m.prompt_ids) for m in batched}) == 2
+def check_batched_equals_one_at_a_time(model, tokenizer, layouts, history=0):
+    """Greedy episodes played together equal those played one by one: the same prompt and action
+    ids, the same recorded log-probs, the same rewards. Returns the batched moves."""
+    batched, rewards, _ = ga.rollout(
+        model, tokenizer, layouts, 1, 4, 1.0, greedy=True, history=history
+    )
     for k, layout in enumerate(layouts):
-        single, r, _ = ga.rollout(model, tokenizer, [layout], 1, 4, 1.0, greedy=True)
+        single, r, _ = ga.rollout(
+            model, tokenizer, [layout], 1, 4, 1.0, greedy=True, history=history
+        )
         mine = [m for m in batched if m.episode == k]
         assert [(m.prompt_ids, m.action_ids) for m in mine] == [
             (m.prompt_ids, m.action_ids) for m in single
@@ -347,20 +347,38 @@ def test_batched_rollout_matches_one_episode_at_a_time(tiny):
         mine_logps = [lp for m in mine for lp in m.sample_logps]
         assert np.allclose(mine_logps, [lp for m in single for lp in m.sample_logps], atol=1e-5)
         assert float(r) == float(rewards[k])
+    return batched
 
 
-def test_recorded_logprobs_equal_a_fresh_forward_pass(tiny):
-    """Bug caught: sampler and scorer disagree (temperature, cache, positions, the last-position
-    logits): the update uses the recorded ones as its old log-probs."""
-    s, model, tokenizer = tiny
+def check_recorded_logprobs_equal_the_scorer(model, tokenizer, layouts, history=0):
+    """Moves sampled at temperature 1.7: the log-probs recorded while sampling equal those of a
+    fresh right-padded forward pass (what the update uses as its old log-probs)."""
     generator = torch.Generator().manual_seed(0)
-    moves, _, _ = ga.rollout(model, tokenizer, mixed_layouts(), 2, 4, 1.7, generator=generator)
+    moves, _, _ = ga.rollout(
+        model, tokenizer, layouts, 2, 4, 1.7, generator=generator, history=history
+    )
     prompts = [m.prompt_ids for m in moves]
     ids, attention, mask = ga.build_batch(prompts, [m.action_ids for m in moves], 0, "cpu")
     with torch.no_grad():
         recomputed = ga.token_logprobs(model, ids, attention, 1.7)[mask == 1]
     recorded = torch.tensor([lp for m in moves for lp in m.sample_logps])
     assert torch.allclose(recomputed, recorded, atol=1e-4)
+
+
+def test_batched_rollout_matches_one_episode_at_a_time(tiny):
+    """Left padding (3x3 and 4x4 prompts together) must be invisible: greedy batched episodes and
+    their recorded log-probs equal those of a one-by-one loop. Fails with an all-ones mask or
+    unshifted positions."""
+    s, model, tokenizer = tiny
+    batched = check_batched_equals_one_at_a_time(model, tokenizer, mixed_layouts())
+    assert len({len(m.prompt_ids) for m in batched}) == 2
+
+
+def test_recorded_logprobs_equal_a_fresh_forward_pass(tiny):
+    """Bug caught: sampler and scorer disagree (temperature, cache, positions, the last-position
+    logits): the update uses the recorded ones as its old log-probs."""
+    s, model, tokenizer = tiny
+    check_recorded_logprobs_equal_the_scorer(model, tokenizer, mixed_layouts())
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -372,25 +390,9 @@ def test_with_history_batched_rollout_equals_one_at_a_time_and_the_scorer(arch):
     s = ga.Settings(tiny_layers=1, tiny_dim=32, history=2, tiny_arch=arch)
     model, tokenizer = ga.load_policy(s, torch.device("cpu"))
     model.eval()
-    layouts = mixed_layouts()
-    batched, rewards, _ = ga.rollout(model, tokenizer, layouts, 1, 4, 1.0, greedy=True, history=2)
+    batched = check_batched_equals_one_at_a_time(model, tokenizer, mixed_layouts(), history=2)
     assert len({len(m.prompt_ids) for m in batched}) >= 4
-    for k, layout in enumerate(layouts):
-        single, r, _ = ga.rollout(model, tokenizer, [layout], 1, 4, 1.0, greedy=True, history=2)
-        mine = [m for m in batched if m.episode == k]
-        assert [(m.prompt_ids, m.action_ids) for m in mine] == [
-            (m.prompt_ids, m.action_ids) for m in single
-        ]
-        mine_logps = [lp for m in mine for lp in m.sample_logps]
-        assert np.allclose(mine_logps, [lp for m in single for lp in m.sample_logps], atol=1e-5)
-    generator = torch.Generator().manual_seed(0)
-    moves, _, _ = ga.rollout(model, tokenizer, layouts, 2, 4, 1.7, generator=generator, history=2)
-    prompts = [m.prompt_ids for m in moves]
-    ids, attention, mask = ga.build_batch(prompts, [m.action_ids for m in moves], 0, "cpu")
-    with torch.no_grad():
-        recomputed = ga.token_logprobs(model, ids, attention, 1.7)[mask == 1]
-    recorded = torch.tensor([lp for m in moves for lp in m.sample_logps])
-    assert torch.allclose(recomputed, recorded, atol=1e-4)
+    check_recorded_logprobs_equal_the_scorer(model, tokenizer, mixed_layouts(), history=2)
 
 
 def test_the_two_tiny_models_have_the_same_size_within_three_percent():
