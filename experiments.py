@@ -1,5 +1,6 @@
-"""The lab beside the reference: arms over seeds and regimes, paired intervals, tables, controls.
+"""The lab beside the reference: instruments, arms over seeds and regimes, paired intervals, tables.
 
+    python experiments.py run --out-dir results/default          # one run with every instrument
     python experiments.py compare --out-dir results/compare-llama --tiny-arch llama
                                               # 3 arms x 2 regimes (H = 0, 2) x 5 seeds: 30 runs
     python experiments.py between results/compare-gpt2 results/compare-llama   # same runs, 2 models
@@ -10,6 +11,12 @@
     python experiments.py bump-memory results/compare-llama  # what memory of bumps is worth
     python experiments.py rollout-speed [old/grpo_agentic.py]  # decisions/s at H = 0, 2, longest
 
+The instruments reach grpo_agentic.train through its extension points: probes that add columns
+to every evaluation (how held-out episodes fail, the self-check, flawed mass, the recovery probe),
+GiGPO's step credit, and the oracle's labels for the classification loss. `run` takes every flag
+of grpo_agentic.py and the lab's own (--cls-labels, --step-credit-coef, --gamma, --self-check);
+with none of the lab's flags it trains exactly as `python grpo_agentic.py`, with more columns.
+
 `compare` trains every arm in every regime on every seed with the same budget. Arms (--arms):
 GRPO, GRPO + the actor's own classification (GCD) with oracle labels, GiGPO (and GCD with
 advantage labels, on request). Regimes (--histories): the --history of every arm. A seed fixes the
@@ -17,15 +24,15 @@ initialisation, the rollouts and the layouts (train and held-out sets are drawn 
 their data seed), so the arms of one regime and seed share everything up to the warm start, which
 is made once per regime and seed and reused. Differences between arms are paired by seed within a
 regime, and differences between regimes by arm and seed, with 95 % Student-t intervals. The flags
-of grpo_agentic.py apply to every run (e.g. --iters 50, --tiny-arch llama), except those the
-comparison sets per run (--seed, --data-seed, --history, --cls-coef, --cls-labels,
---step-credit-coef, --self-check): use --seeds, --histories, --gcd-coef, --gigpo-coef,
---self-check-tries.
+of grpo_agentic.py apply to every run (e.g. --iters 50, --tiny-arch gpt2), except those the
+comparison sets per run (--seed, --data-seed, --history, --cls-coef): use --seeds, --histories,
+--gcd-coef, --gigpo-coef, --self-check-tries.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -91,17 +98,329 @@ def show_interval(diffs: list[float]) -> str:
     return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
 
 
+# ---- Instruments: what a lab run adds to grpo_agentic's, through train()'s extension points ----
+def step_returns(episodes: list[int], episode_rewards: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Discounted return from each move on, (N,), for moves listed in the order they were played
+    and an outcome reward that arrives after an episode's last move:
+
+        R_i = gamma^(moves of the same episode after i) * r_episode(i)
+
+    >>> step_returns([0, 1, 0, 0], torch.tensor([1.0, 0.0]), gamma=0.5)  # episode 0: 3 moves, won
+    tensor([0.2500, 0.0000, 0.5000, 1.0000])
+    """
+    after = [episodes[i + 1 :].count(e) for i, e in enumerate(episodes)]
+    return episode_rewards[episodes] * gamma ** torch.tensor(after, dtype=torch.float)
+
+
+def gigpo_step_advantages(
+    anchors: list, returns: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """GiGPO's step-level advantage (Feng et al., 2025, arXiv 2505.10978), (N,) -> (N,). Moves with
+    the same anchor -- the same task and the same observation, in any of that task's G episodes --
+    form a step group, and each move's step return is compared within it, as grpo_advantages does:
+
+        A_step_i = (R_i - mean_{j in group(i)} R_j) / (std_{j in group(i)} R_j + eps)
+
+    A group of one, or of equal returns, gets 0. Two visits of one state, R = 1.0 (straight on)
+    and 0.81 (two moves more to the goal), and a state visited once:
+
+    >>> gigpo_step_advantages([("t", "s"), ("t", "s"), ("t", "u")], torch.tensor([1.0, 0.81, 0.9]))
+    tensor([ 1.0000, -1.0000,  0.0000])
+    """
+    groups: dict = {}
+    for i, key in enumerate(anchors):
+        groups.setdefault(key, []).append(i)
+    step_adv = torch.zeros_like(returns)
+    for members in groups.values():
+        step_adv[members] = ga.grpo_advantages(returns[members][None], scale_by_std, eps)[0]
+    return step_adv
+
+
+def step_anchors(episodes: list[int], observations: list[list[int]], group_size: int) -> list:
+    """GiGPO's anchor of each move: (task, the observation the agent sees now), history left out,
+    as verl-agent does. Keyed on the whole prompt, two moves with different pasts would never share
+    a group, and with history step credit would silently vanish.
+
+    >>> step_anchors([0, 1, 2], [[7, 8], [7, 8], [7, 8]], group_size=2)
+    [(0, (7, 8)), (0, (7, 8)), (1, (7, 8))]
+    """
+    if not all(observations):  # an empty key would put every move of a task into one group
+        raise ValueError("step_anchors needs each move's observation ids (Move.observation_ids)")
+    return [(e // group_size, tuple(ids)) for e, ids in zip(episodes, observations)]
+
+
+def gigpo_credit(coef: float, gamma: float, group_size: int, scale_by_std: bool = True):
+    """A credit function for ga.train: A_i = A_episode[e(i)] + coef * A_step_i (GiGPO; coef = 1
+    in its paper), the step advantage over discounted step returns in (task, observation) groups."""
+
+    def credit(rewards: torch.Tensor, moves: list) -> torch.Tensor:
+        episodes = [m.episode for m in moves]
+        anchors = step_anchors(episodes, [m.observation_ids for m in moves], group_size)
+        returns = step_returns(episodes, rewards.flatten(), gamma)  # (N,)
+        step_adv = gigpo_step_advantages(anchors, returns, scale_by_std)  # (N,)
+        return ga.move_advantages(rewards, episodes, scale_by_std) + coef * step_adv
+
+    return credit
+
+
+def oracle_labelled_pairs(moves: list, advantages: torch.Tensor, tokenizer):
+    """A labeller for ga.train, the upper bound only a toy allows: all 4 moves (in the action
+    format) at every distinct prompt visited, labelled by the oracle (1 = good, 0 = bad):
+    (prompts, actions, labels). With history a prompt is a (history, observation) pair: the verdict
+    is read in the context the move was made in, and a cell reached along several paths appears
+    once per path. `advantages` is not used."""
+    states = {tuple(m.prompt_ids): m.info["good_actions"] for m in moves}  # distinct visited states
+    pairs = [(state, a) for state in states for a in toy_env.ACTIONS]
+    prompts = [list(state) for state, _ in pairs]
+    actions = [ga.action_ids_for(tokenizer, a) for _, a in pairs]
+    labels = torch.tensor([int(a in states[state]) for state, a in pairs], dtype=torch.long)
+    return prompts, actions, labels
+
+
+def self_checking(judge, tries: int):
+    """A sampler with generate_actions' signature for ga.rollout: the self-check. A move that
+    judge(prompts, actions) -> [ok, ...] rejects is resampled (temperature sampling, never greedy)
+    up to `tries` times; the last sample stands; an accepted move is never judged again."""
+
+    def sample(model, tokenizer, prompts, max_tokens, temperature, greedy, generator):
+        action_ids, logps, texts = ga.generate_actions(
+            model, tokenizer, prompts, max_tokens, temperature, greedy, generator
+        )
+        pending = list(range(len(prompts)))  # not yet accepted by the judge
+        for _ in range(tries):
+            verdicts = judge([prompts[k] for k in pending], [action_ids[k] for k in pending])
+            pending = [k for k, ok in zip(pending, verdicts) if not ok]
+            if not pending:
+                break
+            redo = ga.generate_actions(
+                model,
+                tokenizer,
+                [prompts[k] for k in pending],
+                max_tokens,
+                temperature,
+                False,
+                generator,
+            )
+            for k, a, lp, text in zip(pending, *redo):
+                action_ids[k], logps[k], texts[k] = a, lp, text
+        return action_ids, logps, texts
+
+    return sample
+
+
+@torch.no_grad()
+def greedy_episodes(model, tokenizer, layouts: list[str], s: ga.Settings, sample=None):
+    """One greedy episode per layout, as ga.measure plays them: (moves, rewards (B,), envs). With
+    a `sample` (self_checking), its resampling draws from a generator seeded with --seed."""
+    envs = [toy_env.GridWorld.from_string(x) for x in layouts]
+    moves, rewards = ga.rollout(
+        model,
+        tokenizer,
+        envs,
+        ga.exact_format_parser(tokenizer, toy_env.ACTIONS),
+        s.max_action_tokens,
+        s.temperature,
+        greedy=True,
+        generator=torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed),
+        history=s.history,
+        sample=sample or ga.generate_actions,
+    )
+    return moves, rewards, envs
+
+
+FAILURE_KINDS = ("bump_toward", "detour_toward", "away", "off_format")
+
+
+def flaw_kind(move, env: toy_env.GridWorld) -> str:
+    """Which of FAILURE_KINDS a move the oracle calls flawed is; `env` is its episode's (walls and
+    goal). Only meaningful for flawed moves: a good detour move would come out as "away"."""
+    if move.action is None:
+        return "off_format"
+    cell = move.info["cell"]
+    toward = env.heads_for_goal(move.action, cell)
+    bumped = env.next_pos(cell, move.action) == cell
+    if toward and bumped:
+        return "bump_toward"
+    return "detour_toward" if toward else "away"
+
+
+def failure_anatomy(moves: list, envs: list[toy_env.GridWorld]) -> dict:
+    """How episodes fail, and whether the agent repeats a bump (oracle labels: diagnostics only).
+
+    fail_<kind>        share of the failed episodes whose first flawed move is of that kind:
+                       bump_toward   a bump into a wall in the goal's direction, as the crow flies
+                                     (the coupled error: without that wall the move would
+                                     usually be good)
+                       detour_toward a step toward the goal where a wall forces a detour
+                       away          any other flawed move: a step, or a bump, away from the goal
+                       off_format    text that is not one of the four moves
+    repeat_after_bump  over bumps followed by another move of the same episode, the share of next
+                       moves with the same ids. 1.0 by construction for a greedy policy without
+                       history: after a bump it reads the same prompt again.
+    A share of nothing (no failure, no bump) is NaN."""
+    by_episode: dict[int, list] = {}
+    for m in moves:  # in the order played
+        by_episode.setdefault(m.episode, []).append(m)
+    kinds, repeats = [], []
+    for episode, played in by_episode.items():
+        env = envs[episode]
+        if env.pos != env.goal:
+            kinds.append(flaw_kind(next(m for m in played if not m.info["good"]), env))
+        for move, after in zip(played, played[1:]):
+            cell = move.info["cell"]
+            if move.action is not None and env.next_pos(cell, move.action) == cell:
+                repeats.append(after.action_ids == move.action_ids)
+    row = {
+        f"fail_{kind}": kinds.count(kind) / len(kinds) if kinds else math.nan
+        for kind in FAILURE_KINDS
+    }
+    row["repeat_after_bump"] = float(np.mean(repeats)) if repeats else math.nan
+    return row
+
+
+@torch.no_grad()
+def flawed_mass(model, tokenizer, probe: list[tuple[str, list[str]]]) -> dict:
+    """Theorem 3.2 checked on fixed probe states (observation, good moves):
+
+    p_flawed     = mean_s (1 - sum_{a good} pi(a|s))   all mass not on a good move, off-format too
+    p_flawed_max = mean_s max_{a flawed} pi(a|s)        the single most likely flawed move"""
+    observations = [o for o, _ in probe for _ in toy_env.ACTIONS]
+    moves = list(toy_env.ACTIONS) * len(probe)
+    p = ga.action_logprobs(model, tokenizer, observations, moves).exp().view(len(probe), -1)
+    good = [[a in g for a in toy_env.ACTIONS] for _, g in probe]
+    good = torch.tensor(good, device=p.device)  # (S, 4)
+    return {
+        "p_flawed": float((1 - (p * good).sum(1)).mean()),
+        "p_flawed_max": float(p.masked_fill(good, 0).max(1).values.mean()),
+    }
+
+
+@functools.lru_cache(maxsize=8)
+def bump_states(split: str, n: int, seed: int) -> tuple[tuple[str, str, tuple], ...]:
+    """Up to `n` (observation, move, good moves) where the move bumps into a wall in the goal's
+    direction: the flawed twins of toy_env.coupled_pairs. Cached: measured at every evaluation."""
+    bumps = []
+    for _, flawed_layout, move in toy_env.coupled_pairs(split, n, seed):
+        env = toy_env.GridWorld.from_string(flawed_layout)
+        if env.heads_for_goal(move):
+            bumps.append((env.observation(), move, tuple(env.good_actions())))
+    return tuple(bumps)
+
+
+def after_bump_prompts(tokenizer, bumps: list[tuple[str, str]], history: int) -> list[list[int]]:
+    """Prompts right after a bump, one per (observation, move) pair where the move bumps into a
+    wall: that observation and that move as the last turn, then the same observation again."""
+    prefix = ga.prompt_prefix(tokenizer)
+    seen = ga.encode_observations(tokenizer, [o for o, _ in bumps])
+    written = [ga.action_ids_for(tokenizer, a) for _, a in bumps]
+    return [ga.history_prompt(prefix, [(o, a)], o, history) for o, a in zip(seen, written)]
+
+
+@torch.no_grad()
+def repeat_probability(model, tokenizer, bumps: list[tuple[str, str]], history: int) -> float:
+    """The recovery probe: over states right after a bump (after_bump_prompts), the mean
+    probability of bumping again,
+
+        p_repeat = mean pi(move | [observation, move] as the last turn, then the same observation)
+
+    With history = 0 the prompt is the observation alone: nothing tells the policy it just bumped,
+    and p_repeat is the probability of the move at that state."""
+    prompts = after_bump_prompts(tokenizer, bumps, history)
+    written = [ga.action_ids_for(tokenizer, a) for _, a in bumps]
+    logps = ga.sequence_logprobs(model, prompts, written, tokenizer.pad_token_id)  # (S,)
+    return logps.exp().mean().item()
+
+
+@dataclass
+class LabRun:
+    """What a lab run sets on top of grpo_agentic.Settings (the same names those flags had there,
+    so a run's settings read the same before and after they moved)."""
+
+    cls_labels: str = field(
+        default="advantage",
+        metadata={
+            "help": "labels of the classification loss: 'advantage' (the sign of each A != 0 "
+            "move's advantage) or 'oracle' (every move at every visited state)"
+        },
+    )
+    step_credit_coef: float = field(
+        default=0.0, metadata={"help": "w in A = A_episode + w * A_step: GiGPO (0 = plain GRPO)"}
+    )
+    gamma: float = field(default=0.95, metadata={"help": "discount of GiGPO's step returns"})
+    self_check: int = field(
+        default=0,
+        metadata={
+            "help": "K > 0: at the end, also evaluate held-out layouts with a self-check "
+            "(a move the actor's verdict calls bad is resampled, up to K times)"
+        },
+    )
+
+    def __post_init__(self):
+        if self.cls_labels not in ("advantage", "oracle"):
+            raise ValueError(
+                f"--cls-labels must be 'advantage' or 'oracle', got {self.cls_labels!r}"
+            )
+        for name in ("step_credit_coef", "gamma", "self_check"):
+            if getattr(self, name) < 0:
+                flag = name.replace("_", "-")
+                raise ValueError(f"--{flag} must be >= 0, got {getattr(self, name)!r}")
+
+
+def lab_probes(s: ga.Settings, self_check: int) -> list:
+    """The lab's probes for ga.measure: how held-out episodes fail, the self-check (at the end
+    only: costly, and final), flawed mass at train start states, and the recovery probe."""
+    pool, eval_sets = ga.task_sets(s.train_tasks, s.eval_tasks, s.data_seed)
+    train_envs = [toy_env.GridWorld.from_string(x) for x in eval_sets["train"][: s.probe_states]]
+    start_states = [(env.observation(), env.good_actions()) for env in train_envs]
+
+    def anatomy(model, tokenizer, it, played):
+        moves, _, envs = played["held_out"]
+        return failure_anatomy(moves, envs)
+
+    def self_checked(model, tokenizer, it, played):
+        if not self_check or it != s.iters:
+            return {}
+
+        def judge(prompts, actions):
+            return ga.verdict_is_good(model, tokenizer, prompts, actions).tolist()
+
+        sample = self_checking(judge, self_check)
+        _, rewards, _ = greedy_episodes(model, tokenizer, eval_sets["held_out"], s, sample)
+        return {"eval_held_out_success_self_check": rewards.mean().item()}
+
+    def mass(model, tokenizer, it, played):
+        return flawed_mass(model, tokenizer, start_states)
+
+    def recovery(model, tokenizer, it, played):
+        bumps = bump_states("held_out", s.probe_states, s.data_seed)  # (observation, move, good)
+        pairs = [b[:2] for b in bumps]
+        prompts = after_bump_prompts(tokenizer, pairs, s.history)
+        good_moves = [good for _, _, good in bumps]
+        return {
+            "p_repeat_bump": repeat_probability(model, tokenizer, pairs, s.history),
+            "cls_bacc_after_bump": ga.classification_bacc(model, tokenizer, prompts, good_moves),
+        }
+
+    return [anatomy, self_checked, mass, recovery]
+
+
+def lab_run(s: ga.Settings, extra: LabRun, out_dir: str, log=print, start=None) -> dict:
+    """ga.run with the lab's probes, GiGPO's credit and the oracle's labels as `extra` asks;
+    lab.json beside settings.json records `extra`."""
+    credit = None
+    if extra.step_credit_coef:
+        credit = gigpo_credit(extra.step_credit_coef, extra.gamma, s.group_size, s.scale_by_std)
+    labeller = oracle_labelled_pairs if extra.cls_labels == "oracle" else None
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "lab.json"), "w") as f:
+        json.dump(dataclasses.asdict(extra), f, indent=1)
+    probes = lab_probes(s, extra.self_check)
+    return ga.run(s, out_dir, log, start=start, probes=probes, credit=credit, labeller=labeller)
+
+
 # ---- The comparison -----------------------------------------------------------------------------
 ARMS = ("grpo", "grpo+cls-advantage", "grpo+cls-oracle", "gigpo")  # "grpo" is the baseline
-SET_PER_ARM = (
-    "seed",
-    "data_seed",
-    "cls_coef",
-    "cls_labels",
-    "step_credit_coef",
-    "self_check",
-    "history",
-)
+SET_PER_ARM = ("seed", "data_seed", "cls_coef", "history")  # of ga.Settings; LabRun: all
 NOT_PART_OF_A_RUN = ("out_dir", "overwrite", "device")  # where and how, not what
 WARM_START_FIELDS = (  # everything the supervised warm-up depends on
     "seed",
@@ -130,7 +449,7 @@ CHAIN = (
     "p_flawed",
 )
 SUCCESS = ("eval_train_success", "eval_held_out_success", "eval_held_out_success_self_check")
-ANATOMY = tuple(f"fail_{kind}" for kind in ga.FAILURE_KINDS) + (
+ANATOMY = tuple(f"fail_{kind}" for kind in FAILURE_KINDS) + (
     "repeat_after_bump",
     "p_repeat_bump",
 )
@@ -179,14 +498,17 @@ class Lab:
             raise ValueError("--gcd-coef and --gigpo-coef must be > 0")
 
 
-def arm_settings(arm: str, lab: Lab) -> dict:
-    """What makes an arm, on top of the settings every arm shares."""
-    gcd = {"cls_coef": lab.gcd_coef}
+def arm_settings(arm: str, lab: Lab) -> tuple[dict, LabRun]:
+    """What makes an arm, on top of the settings every arm shares: (Settings fields, LabRun)."""
+    tries = lab.self_check_tries
     return {
-        "grpo": {},
-        "grpo+cls-advantage": {**gcd, "cls_labels": "advantage"},
-        "grpo+cls-oracle": {**gcd, "cls_labels": "oracle"},
-        "gigpo": {"step_credit_coef": lab.gigpo_coef},
+        "grpo": ({}, LabRun(self_check=tries)),
+        "grpo+cls-advantage": ({"cls_coef": lab.gcd_coef}, LabRun(self_check=tries)),
+        "grpo+cls-oracle": (
+            {"cls_coef": lab.gcd_coef},
+            LabRun(cls_labels="oracle", self_check=tries),
+        ),
+        "gigpo": ({}, LabRun(step_credit_coef=lab.gigpo_coef, self_check=tries)),
     }[arm]
 
 
@@ -196,18 +518,19 @@ def run_name(arm: str, history: int, seed: int) -> str:
 
 def job_settings(
     s: ga.Settings, lab: Lab, arm: str, history: int, seed: int, out_dir: str
-) -> ga.Settings:
+) -> tuple[ga.Settings, LabRun]:
     """The settings of one (arm, history, seed) run: the seed also draws the layouts."""
-    return dataclasses.replace(
+    changes, extra = arm_settings(arm, lab)
+    job = dataclasses.replace(
         s,
         seed=seed,
         data_seed=seed,
         history=history,
-        self_check=lab.self_check_tries,
         render_every=0,
         out_dir=os.path.join(out_dir, run_name(arm, history, seed)),
-        **arm_settings(arm, lab),
+        **changes,
     )
+    return job, extra
 
 
 def check_shared(s: ga.Settings) -> None:
@@ -216,8 +539,7 @@ def check_shared(s: ga.Settings) -> None:
         if f.name in SET_PER_ARM and getattr(s, f.name) != f.default:
             flag = f.name.replace("_", "-")
             raise ValueError(
-                f"--{flag} is set per arm by the comparison; use --seeds, --histories, "
-                "--gcd-coef, --gigpo-coef or --self-check-tries"
+                f"--{flag} is set per arm by the comparison; use --seeds, --histories or --gcd-coef"
             )
 
 
@@ -239,19 +561,30 @@ def differences(wanted: dict, found: dict) -> str:
     )
 
 
-def check_existing(jobs: list[ga.Settings], warm_paths: dict[tuple, str]) -> None:
+def run_fields(run_dir: str) -> dict:
+    """The settings a run was made with: settings.json and, for a lab run, lab.json (runs made
+    before the lab's flags left grpo_agentic.Settings hold them all in settings.json)."""
+    with open(os.path.join(run_dir, "settings.json")) as f:
+        fields = json.load(f)
+    if os.path.exists(os.path.join(run_dir, "lab.json")):
+        with open(os.path.join(run_dir, "lab.json")) as f:
+            fields.update(json.load(f))
+    return fields
+
+
+def check_existing(jobs: list[tuple[ga.Settings, LabRun]], warm_paths: dict[tuple, str]) -> None:
     """Refuse to resume from finished runs or warm starts made with other settings."""
-    for job in jobs:
+    for job, extra in jobs:
         if os.path.exists(os.path.join(job.out_dir, "summary.json")):
-            with open(os.path.join(job.out_dir, "settings.json")) as f:
-                found = outcome_fields(json.load(f))
-            wanted = outcome_fields(json.loads(json.dumps(dataclasses.asdict(job))))
+            found = outcome_fields(run_fields(job.out_dir))
+            asked = {**dataclasses.asdict(job), **dataclasses.asdict(extra)}
+            wanted = outcome_fields(json.loads(json.dumps(asked)))
             if found != wanted:
                 raise ValueError(
                     f"{job.out_dir} was made with other settings ({differences(wanted, found)}); "
                     "choose another --out-dir or delete that run"
                 )
-    for job in jobs:
+    for job, _ in jobs:
         warm_path = warm_paths[job.history, job.seed]
         if os.path.exists(warm_path):
             made_with = torch.load(warm_path, map_location="cpu").get("settings") or {}
@@ -264,11 +597,11 @@ def check_existing(jobs: list[ga.Settings], warm_paths: dict[tuple, str]) -> Non
                 )
 
 
-def compare_job(job: tuple[ga.Settings, str, int]) -> dict:
+def compare_job(job: tuple[ga.Settings, LabRun, str, int]) -> dict:
     """One (arm, history, seed) run, in a worker process with its share of the CPU threads, from
     the warm start of its history and seed (made by the first of its arms to start). A finished run
     is read back."""
-    s, warm_path, workers = job
+    s, extra, warm_path, workers = job
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     summary_path = os.path.join(s.out_dir, "summary.json")
     if os.path.exists(summary_path):
@@ -283,7 +616,7 @@ def compare_job(job: tuple[ga.Settings, str, int]) -> dict:
         torch.save(start, partial)
         os.replace(partial, warm_path)  # whole or absent, even if stopped or made twice at once
     start = torch.load(warm_path, map_location=device)  # a warm start from CUDA resumes on CPU
-    return ga.run(s, s.out_dir, lambda line: None, start)
+    return lab_run(s, extra, s.out_dir, lambda line: None, start)
 
 
 def end_values(summary: dict) -> dict:
@@ -376,7 +709,7 @@ def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
     check_existing(jobs, warm_paths)
     os.makedirs(out_dir, exist_ok=True)
     end, start = {}, {}
-    work = [(job, warm_paths[job.history, job.seed], lab.workers) for job in jobs]
+    work = [(job, extra, warm_paths[job.history, job.seed], lab.workers) for job, extra in jobs]
     with ProcessPoolExecutor(lab.workers, mp_context=get_context("spawn")) as pool:  # no fork
         for key, summary in zip(keys, pool.map(compare_job, work)):
             end[key] = end_values(summary)
@@ -477,50 +810,35 @@ def summary_path(out_dir: str, run: str) -> str:
 
 
 # ---- Controls and baselines on saved runs -------------------------------------------------------
-def settings_of(run_dir: str) -> ga.Settings:
-    """The Settings a run was made with, read from its settings.json."""
-    with open(os.path.join(run_dir, "settings.json")) as f:
-        saved = json.load(f)
-    known = {f.name for f in dataclasses.fields(ga.Settings)}
+def settings_of(run_dir: str) -> tuple[ga.Settings, LabRun]:
+    """The Settings and LabRun a run was made with (see run_fields)."""
+    saved = run_fields(run_dir)
     saved["device"] = "cpu"  # analysed here, wherever it was trained
-    return ga.Settings(**{k: v for k, v in saved.items() if k in known})
+    known = {f.name for f in dataclasses.fields(ga.Settings)}
+    lab_known = {f.name for f in dataclasses.fields(LabRun)}
+    s = ga.Settings(**{k: v for k, v in saved.items() if k in known})
+    return s, LabRun(**{k: v for k, v in saved.items() if k in lab_known})
 
 
 def saved_policy(run_dir: str):
-    """(model in eval mode, tokenizer, settings) of a finished run, on the CPU."""
-    s = settings_of(run_dir)
+    """(model in eval mode, tokenizer, settings, lab settings) of a finished run, on the CPU."""
+    s, extra = settings_of(run_dir)
     policy = dataclasses.replace(s, model=os.path.join(run_dir, "policy"))
     model, tokenizer = ga.load_policy(policy, torch.device("cpu"))
-    return model.eval(), tokenizer, s
-
-
-@torch.no_grad()
-def held_out_success(model, tokenizer, s: ga.Settings, judge=None, tries: int = 0) -> float:
-    """Greedy success on the run's held-out layouts, seeded as ga.evaluate seeds it."""
-    generator = torch.Generator().manual_seed(s.seed)
-    layouts = ga.task_sets(s)[1]["held_out"]
-    _, rewards, _ = ga.rollout(
-        model,
-        tokenizer,
-        layouts,
-        1,
-        s.max_action_tokens,
-        s.temperature,
-        greedy=True,
-        generator=generator,
-        judge=judge,
-        tries=tries,
-        history=s.history,
-    )
-    return rewards.mean().item()
+    return model.eval(), tokenizer, s, extra
 
 
 def self_check_control(run_dir: str) -> dict:
     """Held-out success three ways: plain greedy; the self-check (the verdict rejects, the move is
     resampled up to K times); and the same resampling decided by a coin that rejects at the
     verdict's own rate -- as much resampling, no judgement in it."""
-    model, tokenizer, s = saved_policy(run_dir)
+    model, tokenizer, s, extra = saved_policy(run_dir)
+    layouts = ga.task_sets(s.train_tasks, s.eval_tasks, s.data_seed)[1]["held_out"]
     counts = {"judged": 0, "rejected": 0}
+
+    def success(judge=None):
+        sample = self_checking(judge, extra.self_check) if judge else None
+        return greedy_episodes(model, tokenizer, layouts, s, sample)[1].mean().item()
 
     def verdict(prompts, actions):
         ok = ga.verdict_is_good(model, tokenizer, prompts, actions).tolist()
@@ -528,15 +846,15 @@ def self_check_control(run_dir: str) -> dict:
         counts["rejected"] += ok.count(False)
         return ok
 
-    out = {"none": held_out_success(model, tokenizer, s)}
-    out["verdict"] = held_out_success(model, tokenizer, s, verdict, s.self_check)
+    out = {"none": success()}
+    out["verdict"] = success(verdict)
     out["reject_rate"] = counts["rejected"] / max(counts["judged"], 1)
     coin = np.random.default_rng(s.seed)
 
     def coin_judge(prompts, actions):
         return (coin.random(len(prompts)) >= out["reject_rate"]).tolist()
 
-    out["random"] = held_out_success(model, tokenizer, s, coin_judge, s.self_check)
+    out["random"] = success(coin_judge)
     return out
 
 
@@ -605,12 +923,12 @@ def probe_rows(model, tokenizer, s: ga.Settings) -> dict:
 
 def probe_baselines(run_dir: str) -> str:
     """The probe at the start of RL (the run's warm-up, redone) and on the final policy."""
-    s = settings_of(run_dir)
+    s, _ = settings_of(run_dir)
     model, tokenizer = ga.load_policy(dataclasses.replace(s, model=""), torch.device("cpu"))
     model.eval()
     ga.warm_start(model, tokenizer, s, log=lambda line: None)  # the run's policy at iteration 0
     start = probe_rows(model, tokenizer, s)
-    final, tokenizer, _ = saved_policy(run_dir)
+    final, tokenizer, _, _ = saved_policy(run_dir)
     end = probe_rows(final, tokenizer, s)
     lines = [
         "| pairs | coupling_cos start -> end | coupling_ratio start -> end "
@@ -629,8 +947,8 @@ def probe_baselines(run_dir: str) -> str:
 def label_noise(run_dir: str, iters: int = 20) -> str:
     """How often the advantage labels (--cls-labels advantage) agree with the oracle, on `iters`
     iterations of rollouts of the run's final policy on its train layouts (no training)."""
-    model, tokenizer, s = saved_policy(run_dir)
-    pool, _ = ga.task_sets(s)
+    model, tokenizer, s, _ = saved_policy(run_dir)
+    pool, _ = ga.task_sets(s.train_tasks, s.eval_tasks, s.data_seed)
     rng = np.random.default_rng(s.seed)
     generator = torch.Generator().manual_seed(s.seed)
     counts = np.zeros((2, 2), dtype=int)  # [label good?][oracle good?]
@@ -639,7 +957,7 @@ def label_noise(run_dir: str, iters: int = 20) -> str:
         advantages = ga.move_advantages(rewards, [m.episode for m in moves])
         for m, a in zip(moves, advantages.tolist()):
             if a != 0:
-                counts[int(a > 0), int(m.good)] += 1
+                counts[int(a > 0), int(m.info["good"])] += 1
     n = counts.sum()
     episodes = f"{s.tasks_per_iter} x {s.group_size} episodes"
     return "\n".join(
@@ -695,8 +1013,9 @@ def bump_memory(compare_dir: str) -> str:
     ]
     rows = {}
     for seed in seeds:
-        model, tokenizer, s = saved_policy(os.path.join(compare_dir, run_name("grpo", 0, seed)))
-        layouts = ga.task_sets(s)[1]["held_out"]
+        run_dir = os.path.join(compare_dir, run_name("grpo", 0, seed))
+        model, tokenizer, s, _ = saved_policy(run_dir)
+        layouts = ga.task_sets(s.train_tasks, s.eval_tasks, s.data_seed)[1]["held_out"]
         row = {
             "argmax": greedy_with_bump_memory(model, tokenizer, layouts, memory=False),
             "memory": greedy_with_bump_memory(model, tokenizer, layouts, memory=True),
@@ -735,22 +1054,32 @@ def rollout_speed(rounds: int = 9, other_file: str | None = None) -> str:
     torch.set_num_threads(1)
     tokenizer = ga.build_word_tokenizer()
     s = ga.Settings()
-    pool, eval_sets = ga.task_sets(s)
+    pool, eval_sets = ga.task_sets(s.train_tasks, s.eval_tasks, s.data_seed)
     layouts = pool + eval_sets["held_out"]
     longest = max(toy_env.GridWorld.from_string(x).max_steps for x in layouts) - 1
+    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS)
+
+    def play(picked, model, generator, history):
+        envs = [toy_env.GridWorld.from_string(x) for x in picked for _ in range(8)]
+        return ga.rollout(model, tokenizer, envs, parse, 4, 1.0, generator=generator, **history)[0]
+
     variants = {}
     for h in dict.fromkeys((0, 2, longest)):
         torch.manual_seed(0)
-        positions = ga.positions_for(dataclasses.replace(s, history=h), tokenizer)
+        positions = ga.positions_needed(tokenizer, layouts, s.max_action_tokens, h)
         model = ga.build_tiny_model(tokenizer, s.tiny_layers, s.tiny_dim, positions, s.tiny_arch)
         model.eval()
-        variants[f"H = {h}"] = (ga.rollout, model, {"history": h})
+        variants[f"H = {h}"] = (play, model, {"history": h})
         if h == 0 and other_file:
             spec = importlib.util.spec_from_file_location("other_version", other_file)
             other = importlib.util.module_from_spec(spec)
             sys.modules["other_version"] = other  # dataclasses look their module up here
             spec.loader.exec_module(other)
-            variants[f"H = 0, {other_file}"] = (other.rollout, model, {})
+
+            def play_other(picked, model, generator, history, other=other):
+                return other.rollout(model, tokenizer, picked, 8, 4, 1.0, generator=generator)[0]
+
+            variants[f"H = 0, {other_file}"] = (play_other, model, {})
     rates = {name: [] for name in variants}
     rng = np.random.default_rng(0)
     for r in range(rounds):
@@ -758,7 +1087,7 @@ def rollout_speed(rounds: int = 9, other_file: str | None = None) -> str:
         for name, (play, model, history) in variants.items():
             generator = torch.Generator().manual_seed(r)
             t = time.perf_counter()
-            moves, _, _ = play(model, tokenizer, picked, 8, 4, 1.0, generator=generator, **history)
+            moves = play(picked, model, generator, history)
             rates[name].append(len(moves) / (time.perf_counter() - t))
     lines = ["| rollout | decisions per second (median) | relative to H = 0 |", "|---|---|---|"]
     base = statistics.median(rates["H = 0"])
@@ -771,6 +1100,7 @@ def rollout_speed(rounds: int = 9, other_file: str | None = None) -> str:
 
 # ---- Command line -------------------------------------------------------------------------------
 COMMANDS = (
+    "run",
     "compare",
     "between",
     "plot",
@@ -792,20 +1122,27 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bar per saved policy
     try:
-        if command == "compare":
-            parser = ga.HfArgumentParser((ga.Settings, Lab), prog="experiments.py compare")
+        if command in ("run", "compare"):
+            flags = (ga.Settings, LabRun if command == "run" else Lab)
+            parser = ga.HfArgumentParser(flags, prog=f"experiments.py {command}")
 
             def one_line_error(message: str):
-                parser.exit(2, f"experiments.py compare: error: {message}\n")
+                parser.exit(2, f"experiments.py {command}: error: {message}\n")
 
             parser.error = one_line_error
             try:
-                s, lab = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
+                s, more = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
             except ValueError as e:
                 parser.error(str(e))
             if not s.out_dir:
                 parser.error("--out-dir is required")
-            print(compare(s, lab, s.out_dir))
+            if command == "compare":
+                print(compare(s, more, s.out_dir))
+                return 0
+            if os.path.exists(os.path.join(s.out_dir, "metrics.jsonl")) and not s.overwrite:
+                parser.error(f"--out-dir {s.out_dir} already holds a run; pass --overwrite")
+            print("settings: " + json.dumps({**dataclasses.asdict(s), **dataclasses.asdict(more)}))
+            lab_run(s, more, s.out_dir)
         elif command == "rollout-speed":
             if len(rest) > 1 or (rest and not os.path.isfile(rest[0])):
                 print("experiments.py rollout-speed: error: give at most one file", file=sys.stderr)
@@ -831,6 +1168,9 @@ def main(argv: list[str] | None = None) -> int:
             print(bump_memory(rest[0]))
         else:
             print(label_noise(rest[0]))
+    except ga.NonFiniteError as e:
+        print(f"experiments.py {command}: stopped: {e}", file=sys.stderr)
+        return 1
     except (OSError, ValueError, ImportError) as e:
         print(f"experiments.py {command}: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

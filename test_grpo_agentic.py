@@ -42,8 +42,6 @@ LAYOUTS_3X3 = [LAYOUT, "..A\n.#.\nG..", "A..\n##.\nG.."]  # beside 4x4 layouts: 
 MEASURED = [  # what every measure writes, in the log and in summary.json
     "eval_train_success",
     "eval_held_out_success",
-    "p_flawed",
-    "p_flawed_max",
     "coupling_cos",
     "coupling_ratio",
     "hidden_cos",
@@ -52,10 +50,61 @@ MEASURED = [  # what every measure writes, in the log and in summary.json
     "cls_bacc_train",
     "cls_bacc_held_out",
 ]
+LAB_COLUMNS = [  # what the lab's probes add (experiments.lab_probes)
+    "fail_bump_toward",
+    "repeat_after_bump",
+    "eval_held_out_success_self_check",
+    "p_flawed",
+    "p_flawed_max",
+    "p_repeat_bump",
+    "cls_bacc_after_bump",
+]
 
 
 def observation(layout: str) -> str:
     return toy_env.GridWorld.from_string(layout).observation()
+
+
+def encode_prompts(tokenizer, observations: list[str]) -> list[list[int]]:
+    """Prompts with no history: the tokenizer's prefix, then the observation."""
+    prefix = ga.prompt_prefix(tokenizer)
+    return [prefix + ids for ids in ga.encode_observations(tokenizer, observations)]
+
+
+def play(
+    model,
+    tokenizer,
+    layouts,
+    group_size,
+    max_tokens,
+    temperature,
+    greedy=False,
+    generator=None,
+    history=0,
+    sample=None,
+):
+    """ga.rollout on toy layouts, G episodes each, group-major as ga.train plays them:
+    (moves, rewards (B, G), envs)."""
+    envs = [toy_env.GridWorld.from_string(x) for x in layouts for _ in range(group_size)]
+    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS)
+    moves, rewards = ga.rollout(
+        model, tokenizer, envs, parse, max_tokens, temperature, greedy, generator, history, sample
+    )
+    return moves, rewards.view(len(layouts), group_size), envs
+
+
+def train(s, out_dir, log=None, **extensions):
+    """ga.train on the policy these settings load, on the CPU: (model, tokenizer, summary)."""
+    model, tokenizer = ga.load_policy(s, torch.device("cpu"))
+    os.makedirs(out_dir, exist_ok=True)
+    summary = ga.train(model, tokenizer, s, str(out_dir), log or (lambda *_: None), **extensions)
+    return model, tokenizer, summary
+
+
+def greedy_success(model, tokenizer, layouts, max_tokens=4, history=0):
+    return (
+        play(model, tokenizer, layouts, 1, max_tokens, 1.0, True, history=history)[1].mean().item()
+    )
 
 
 # ---- credit, loss: hand-computed values ---------------------------------------------------------
@@ -86,12 +135,13 @@ def test_move_advantages_every_move_inherits_its_episode_plus_step_credit():
     indexed by its position instead of its episode), or step credit added without w."""
     rewards = torch.tensor([[1.0, 0.0]])
     episodes = [0, 1, 0, 1]  # moves in the order they were played
-    anchors = [(0, "s0"), (0, "s0"), (0, "s1"), (0, "s2")]
+    observations = [[1], [1], [2], [3]]  # s0, s0, s1, s2
+    moves = [SimpleNamespace(episode=e, observation_ids=o) for e, o in zip(episodes, observations)]
     outcome = ga.move_advantages(rewards, episodes)
     assert outcome.tolist() == pytest.approx([1.0, -1.0, 1.0, -1.0], abs=1e-5)
-    both = ga.move_advantages(rewards, episodes, anchors, step_credit_coef=0.5, gamma=0.5)
+    both = experiments.gigpo_credit(0.5, gamma=0.5, group_size=2)(rewards, moves)
     assert both.tolist() == pytest.approx([1.5, -1.5, 1.0, -1.0], abs=1e-5)
-    unscaled = ga.move_advantages(rewards, episodes, anchors, 1.0, 0.5, scale_by_std=False)
+    unscaled = experiments.gigpo_credit(1.0, 0.5, 2, scale_by_std=False)(rewards, moves)
     assert unscaled.tolist() == pytest.approx([0.75, -0.75, 0.5, -0.5], abs=1e-6)
 
 
@@ -316,7 +366,7 @@ def test_build_batch_action_mask_with_pad_equal_to_eos_matches_one_at_a_time(tin
     token), or an action mask shifted by one. Prompts of two lengths, so rows really are padded."""
     s, model, tokenizer = tiny
     eos = tokenizer.eos_token_id
-    prompts = ga.encode_prompts(tokenizer, [observation(x) for x in mixed_layouts()[2:6]])
+    prompts = encode_prompts(tokenizer, [observation(x) for x in mixed_layouts()[2:6]])
     actions = [ga.action_ids_for(tokenizer, a) for a in ("up", "left", "down", "right")]
     assert len({len(p) for p in prompts}) == 2
     ids, attention, action_mask = ga.build_batch(prompts, actions, pad_id=eos, device="cpu")
@@ -333,13 +383,9 @@ def test_build_batch_action_mask_with_pad_equal_to_eos_matches_one_at_a_time(tin
 def check_batched_equals_one_at_a_time(model, tokenizer, layouts, history=0):
     """Greedy episodes played together equal those played one by one: the same prompt and action
     ids, the same recorded log-probs, the same rewards. Returns the batched moves."""
-    batched, rewards, _ = ga.rollout(
-        model, tokenizer, layouts, 1, 4, 1.0, greedy=True, history=history
-    )
+    batched, rewards, _ = play(model, tokenizer, layouts, 1, 4, 1.0, greedy=True, history=history)
     for k, layout in enumerate(layouts):
-        single, r, _ = ga.rollout(
-            model, tokenizer, [layout], 1, 4, 1.0, greedy=True, history=history
-        )
+        single, r, _ = play(model, tokenizer, [layout], 1, 4, 1.0, greedy=True, history=history)
         mine = [m for m in batched if m.episode == k]
         assert [(m.prompt_ids, m.action_ids) for m in mine] == [
             (m.prompt_ids, m.action_ids) for m in single
@@ -354,9 +400,7 @@ def check_recorded_logprobs_equal_the_scorer(model, tokenizer, layouts, history=
     """Moves sampled at temperature 1.7: the log-probs recorded while sampling equal those of a
     fresh right-padded forward pass (what the update uses as its old log-probs)."""
     generator = torch.Generator().manual_seed(0)
-    moves, _, _ = ga.rollout(
-        model, tokenizer, layouts, 2, 4, 1.7, generator=generator, history=history
-    )
+    moves, _, _ = play(model, tokenizer, layouts, 2, 4, 1.7, generator=generator, history=history)
     prompts = [m.prompt_ids for m in moves]
     ids, attention, mask = ga.build_batch(prompts, [m.action_ids for m in moves], 0, "cpu")
     with torch.no_grad():
@@ -440,18 +484,18 @@ def test_off_format_action_moves_nothing_and_the_probes_agree(tiny):
     s, _, tokenizer = tiny
     policy, layout = ScriptedLM(tokenizer), "G.A\n...\n..."  # 'left' is good here
     generator = torch.Generator().manual_seed(0)
-    moves, rewards, _ = ga.rollout(policy, tokenizer, [layout], 2, 4, 1.0, generator=generator)
+    moves, rewards, _ = play(policy, tokenizer, [layout], 2, 4, 1.0, generator=generator)
     assert all(toy_env.parse_action(m.text) == "left" for m in moves)  # the env would take it...
-    assert all(m.action is None and not m.good for m in moves)  # ...the rollout does not
+    assert all(m.action is None and not m.info["good"] for m in moves)  # ...the rollout does not
     assert float(rewards.sum()) == 0
-    p = ga.flawed_mass(policy, tokenizer, [(observation(layout), ["left"])])
+    p = experiments.flawed_mass(policy, tokenizer, [(observation(layout), ["left"])])
     assert p["p_flawed"] > 0.99  # and the probe says the same
 
 
 def test_non_finite_logits_stop_generation_with_a_clear_error(tiny):
     """Bug caught: NaN logits reaching torch.multinomial (a RuntimeError from deep inside torch)."""
     s, _, tokenizer = tiny
-    prompts = ga.encode_prompts(tokenizer, [observation(LAYOUT)])
+    prompts = encode_prompts(tokenizer, [observation(LAYOUT)])
     for greedy in (True, False):
         with pytest.raises(ga.NonFiniteError):
             ga.generate_actions(
@@ -478,10 +522,52 @@ def test_each_action_stops_at_its_own_end_of_text(tiny):
     assert [len(x) for x in logps] == [1, 2, 3] and texts[1].strip() == "left"
 
 
+class Corridor:
+    """A second environment, written here: cells 0..4 of a corridor, the agent starts at 2 and
+    is paid 1.0 for reaching cell 4 within 3 steps. Its observations share no word with the
+    gridworld's but the action words; it gives no oracle labels."""
+
+    def reset(self):
+        self.pos, self.steps = 2, 0
+        return self.observation()
+
+    def observation(self):
+        return " ".join("A" if k == self.pos else "." for k in range(5)) + "\naction:"
+
+    def step(self, action):
+        self.pos = min(4, max(0, self.pos + {"left": -1, "right": 1}.get(action, 0)))
+        self.steps += 1
+        done = self.pos == 4 or self.steps == 3
+        return self.observation(), float(self.pos == 4), done, {"steps": self.steps}
+
+
+def test_rollout_plays_any_environment_with_reset_and_step(tiny):
+    """The rollout on the corridor: the reward is the environment's, an episode ends when its
+    step says done, each move's info is the step's own, and the parser decides what a move is
+    (here: only 'right'). Bug caught: a reward or an ending read from the gridworld's own fields
+    (pos == goal), or an oracle label required of every environment."""
+    s, _, tokenizer = tiny
+    script = {"action:": "right", "right": tokenizer.eos_token}  # always writes ' right' + eos
+    policy = ScriptedLM(tokenizer, script=script)
+    right = ga.action_ids_for(tokenizer, "right")
+
+    def only_right(ids):
+        return "right" if ids == right else None
+
+    envs = [Corridor(), Corridor()]
+    moves, rewards = ga.rollout(policy, tokenizer, envs, only_right, 4, 1.0, greedy=True)
+    assert rewards.tolist() == [1.0, 1.0]  # 2 -> 3 -> 4 in two steps each
+    assert [m.episode for m in moves] == [0, 1, 0, 1] and all(m.action == "right" for m in moves)
+    assert [m.info["steps"] for m in moves] == [1, 1, 2, 2]
+    assert moves[2].observation_ids == tokenizer(". . . A .\naction:")["input_ids"]
+    never = ga.rollout(policy, tokenizer, [Corridor()], lambda ids: None, 4, 1.0, greedy=True)
+    assert never[1].tolist() == [0.0] and len(never[0]) == 3  # off-format: ends at 3 steps
+
+
 def signal_moves(model, tokenizer, layouts, actions):
     """prompts, action ids and recorded log-probs, as if the policy had written `actions` (one
     action format) at the layouts' start states."""
-    prompts = ga.encode_prompts(tokenizer, [observation(x) for x in layouts])
+    prompts = encode_prompts(tokenizer, [observation(x) for x in layouts])
     ids = [ga.action_ids_for(tokenizer, a) for a in actions]
     batch, attention, mask = ga.build_batch(prompts, ids, tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
@@ -515,9 +601,7 @@ def test_kl_on_adds_a_kl_term_and_nothing_else(tiny):
     normaliser."""
     s, model, tokenizer = tiny
     generator = torch.Generator().manual_seed(0)
-    moves, rewards, _ = ga.rollout(
-        model, tokenizer, mixed_layouts(), 2, 4, 1.0, generator=generator
-    )
+    moves, rewards, _ = play(model, tokenizer, mixed_layouts(), 2, 4, 1.0, generator=generator)
     advantages = torch.tensor([(-1.0) ** k if m.episode < 6 else 0.0 for k, m in enumerate(moves)])
     prompts = [m.prompt_ids for m in moves]
     actions = [m.action_ids for m in moves]
@@ -555,16 +639,16 @@ def test_core_functions_take_plain_arguments_and_run_on_a_bpe_gpt2(monkeypatch):
     assert len(losses) == 3
     model.eval()
     generator = torch.Generator().manual_seed(0)
-    prompts = ga.encode_prompts(tokenizer, [observation(x) for x in layouts])
+    prompts = encode_prompts(tokenizer, [observation(x) for x in layouts])
     ids, logps, texts = ga.generate_actions(model, tokenizer, prompts, 6, 1.0, False, generator)
     assert len(ids) == len(logps) == len(texts) == 3
-    moves, rewards, _ = ga.rollout(model, tokenizer, layouts, 2, 6, 1.0, generator=generator)
-    assert rewards.shape == (3, 2)
+    envs = [toy_env.GridWorld.from_string(x) for x in layouts for _ in range(2)]
+    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS)
+    moves, rewards = ga.rollout(model, tokenizer, envs, parse, 6, 1.0, generator=generator)
+    assert rewards.shape == (6,)
     prompts = [m.prompt_ids for m in moves]
     actions = [m.action_ids for m in moves]
-    episodes = [m.episode for m in moves]
-    anchors = [(e // 2, tuple(p)) for e, p in zip(episodes, prompts)]
-    advantages = ga.move_advantages(rewards, episodes, anchors, 1.0, 0.9)
+    advantages = ga.move_advantages(rewards.view(3, 2), [m.episode for m in moves])
     advantages = advantages + torch.linspace(-1, 1, len(moves))  # some signal whatever happened
     labelled = ga.advantage_labelled_pairs(prompts, actions, advantages)
     optimizer = torch.optim.AdamW(model.parameters(), lr=ga.learning_rate(1, 1e-3, 2, 10))
@@ -591,10 +675,9 @@ def test_core_functions_take_plain_arguments_and_run_on_a_bpe_gpt2(monkeypatch):
     ]
     probe = ga.coupling_probe(model, tokenizer, pairs)
     assert -1 <= probe["coupling_cos"] <= 1
-    start = [(observation(x), toy_env.GridWorld.from_string(x).good_actions()) for x in layouts]
-    assert 0 <= ga.flawed_mass(model, tokenizer, start)["p_flawed"] <= 1
-    assert 0 <= ga.classification_bacc(model, tokenizer, start) <= 1
-    assert 0 <= ga.evaluate(model, tokenizer, layouts, 6, seed=0, self_check=1) <= 1
+    good_moves = [toy_env.GridWorld.from_string(x).good_actions() for x in layouts]
+    starts = encode_prompts(tokenizer, [observation(x) for x in layouts])
+    assert 0 <= ga.classification_bacc(model, tokenizer, starts, good_moves) <= 1
 
 
 def test_generation_holds_no_more_positions_than_the_model_has(tmp_path, capsys):
@@ -627,11 +710,12 @@ def test_generation_holds_no_more_positions_than_the_model_has(tmp_path, capsys)
     # H = 2 turns of 21 observation + 4 action ids before the prompt: 27 + 2 * 25 = 77 positions
     code = ga.main(["--model", str(tmp_path / "m"), "--history", "2", "--out-dir", str(tmp_path)])
     assert code == 2 and "a prompt of --history 2" in capsys.readouterr().err
-    s = ga.Settings(**TINY, history=2)
-    assert ga.positions_for(s, ga.build_word_tokenizer()) == 77
-    longest = ga.Settings(**TINY, history=1000)  # capped at the longest budget - 1 turns
-    budget = max(toy_env.GridWorld.from_string(x).max_steps for x in ga.task_sets(longest)[0])
-    assert ga.positions_for(longest, ga.build_word_tokenizer()) >= 27 + (budget - 1) * 25
+    pool, eval_sets = ga.task_sets(TINY["train_tasks"], TINY["eval_tasks"], 0)
+    layouts = pool + eval_sets["held_out"]
+    assert ga.positions_needed(ga.build_word_tokenizer(), layouts, 4, history=2) == 77
+    budget = max(toy_env.GridWorld.from_string(x).max_steps for x in layouts)
+    capped = ga.positions_needed(ga.build_word_tokenizer(), layouts, 4, history=1000)
+    assert capped == 27 + (budget - 1) * 25  # capped at the longest budget - 1 turns
     args = [*TINY_ARGS, "--history", "1000", "--iters", "1", "--eval-tasks", "2"]
     assert ga.main([*args, "--probe-states", "2", "--out-dir", str(tmp_path / "c")]) == 0
 
@@ -665,7 +749,7 @@ def test_history_prompt_holds_the_last_h_turns_as_exact_ids(monkeypatch):
     tokenizer = ga.build_word_tokenizer()
     monkeypatch.setattr(ga, "generate_actions", scripted_policy(tokenizer, toward_goal_first))
     layout = "A...\n....\n....\n...G"  # down, down, down, right, right, right: 6 moves
-    moves, rewards, _ = ga.rollout(None, tokenizer, [layout], 1, 4, 1.0, history=2)
+    moves, rewards, _ = play(None, tokenizer, [layout], 1, 4, 1.0, history=2)
     assert float(rewards) == 1.0 and len(moves) == 6
     env = toy_env.GridWorld.from_string(layout)
     seen, written = [], []
@@ -678,7 +762,7 @@ def test_history_prompt_holds_the_last_h_turns_as_exact_ids(monkeypatch):
         for k in range(max(0, t - 2), t):
             expected += seen[k] + written[k]
         assert m.prompt_ids == expected + seen[t] and m.observation_ids == seen[t]
-    markov, _, _ = ga.rollout(None, tokenizer, [layout], 1, 4, 1.0, history=0)
+    markov, _, _ = play(None, tokenizer, [layout], 1, 4, 1.0, history=0)
     assert [m.prompt_ids for m in markov] == seen
 
 
@@ -690,7 +774,7 @@ def test_history_carries_the_sampled_ids_not_their_re_tokenised_text():
     model.eval()
     generator = torch.Generator().manual_seed(0)
     layouts = toy_env.sample_layouts("train", 4, seed=0)
-    moves, _, _ = ga.rollout(model, tokenizer, layouts, 4, 4, 1.0, generator=generator, history=1)
+    moves, _, _ = play(model, tokenizer, layouts, 4, 4, 1.0, generator=generator, history=1)
     checked = 0
     for m, after in zip(moves, moves[1:] + [None]):
         text = tokenizer.decode(m.action_ids)
@@ -714,7 +798,7 @@ def test_no_history_token_gets_a_gradient_only_the_current_moves_action_ids_do()
     model.eval()
     generator = torch.Generator().manual_seed(0)
     layouts = toy_env.sample_layouts("held_out", 4, seed=3)
-    moves, _, _ = ga.rollout(model, tokenizer, layouts, 2, 4, 1.0, generator=generator, history=2)
+    moves, _, _ = play(model, tokenizer, layouts, 2, 4, 1.0, generator=generator, history=2)
     late = [m for m in moves if len(m.prompt_ids) > len(m.observation_ids)]  # with history
     assert len({len(m.prompt_ids) for m in late}) >= 2  # rows of several lengths: padding
     prompts, actions = [m.prompt_ids for m in late], [m.action_ids for m in late]
@@ -745,9 +829,9 @@ def test_gigpo_anchors_with_history_are_the_groups_without(monkeypatch):
     layouts = toy_env.sample_layouts("train", 3, seed=2)
     groups = []
     for history in (0, 2):
-        moves, _, _ = ga.rollout(None, tokenizer, layouts, 3, 4, 1.0, history=history)
+        moves, _, _ = play(None, tokenizer, layouts, 3, 4, 1.0, history=history)
         episodes = [m.episode for m in moves]
-        anchors = ga.step_anchors(episodes, [m.observation_ids for m in moves], 3)
+        anchors = experiments.step_anchors(episodes, [m.observation_ids for m in moves], 3)
         partition = {}
         for i, key in enumerate(anchors):
             partition.setdefault(key, []).append(i)
@@ -783,9 +867,9 @@ def test_failure_anatomy_counts_on_a_scripted_policy(monkeypatch):
         return moves[min(played[layout], len(moves)) - 1]
 
     monkeypatch.setattr(ga, "generate_actions", scripted_policy(tokenizer, pick))
-    moves, rewards, envs = ga.rollout(None, tokenizer, list(plans), 1, 4, 1.0)
+    moves, rewards, envs = play(None, tokenizer, list(plans), 1, 4, 1.0)
     assert rewards.flatten().tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
-    assert ga.failure_anatomy(moves, envs) == pytest.approx(
+    assert experiments.failure_anatomy(moves, envs) == pytest.approx(
         {
             "fail_bump_toward": 1 / 4,
             "fail_detour_toward": 1 / 4,
@@ -893,7 +977,7 @@ def test_probes_leave_model_storage_grads_and_optimizer_untouched(tiny):
     model = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
-    moves, _, _ = ga.rollout(model, tokenizer, mixed_layouts(), 2, 4, 1.0, generator=generator)
+    moves, _, _ = play(model, tokenizer, mixed_layouts(), 2, 4, 1.0, generator=generator)
     ga.grpo_update(
         model,
         tokenizer,
@@ -910,8 +994,8 @@ def test_probes_leave_model_storage_grads_and_optimizer_untouched(tiny):
     adam = copy.deepcopy(optimizer.state_dict())
     ga.coupling_probe(model, tokenizer, observation_pairs(3))
     probe = [(observation(LAYOUT), ["right", "down"])]
-    ga.flawed_mass(model, tokenizer, probe)
-    ga.classification_bacc(model, tokenizer, probe)
+    experiments.flawed_mass(model, tokenizer, probe)
+    ga.classification_bacc(model, tokenizer, encode_prompts(tokenizer, [probe[0][0]]), [["right"]])
     assert [p.data_ptr() for p in model.parameters()] == pointers
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
@@ -949,7 +1033,7 @@ def dropout_run(tmp_path_factory):
     s = ga.Settings(
         **settings, model=str(path / "m"), iters=6, lr=1e-3, lr_warmup_iters=2, eval_every=6
     )
-    model, _, summary = ga.train(s, str(path), log=lambda *_: None)
+    model, _, summary = train(s, path)
     rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     return model, rows, summary
 
@@ -985,8 +1069,7 @@ def test_same_seed_same_metrics_on_cpu_also_from_a_saved_warm_start(tmp_path):
     start = ga.warm_start(model.eval(), tokenizer, s, log=lambda *_: None)
     torch.save(start, tmp_path / "warm.pt")
     for name, start in (("a", None), ("b", None), ("c", torch.load(tmp_path / "warm.pt"))):
-        os.makedirs(tmp_path / name)
-        ga.train(s, str(tmp_path / name), log=lambda *_: None, start=start)
+        train(s, tmp_path / name, start=start)
     a, b, c = (without_times(tmp_path / name / "metrics.jsonl") for name in "abc")
     assert a == b == c
 
@@ -1030,9 +1113,8 @@ def test_byte_level_bpe_model_trains_end_to_end(tmp_path):
         probe_pairs=2,
         render_every=0,
         cls_coef=0.5,
-        cls_labels="oracle",
     )
-    model, tokenizer, summary = ga.train(s, str(tmp_path), log=lambda *_: None)
+    model, tokenizer, summary = train(s, tmp_path, labeller=experiments.oracle_labelled_pairs)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows if r["loss"] is not None)
     assert max(r["valid_frac"] for r in rows) > 0.25  # the multi-token action format is written
@@ -1057,8 +1139,8 @@ def test_short_seeded_run_improves_over_the_untrained_policy(tmp_path):
         tiny_dim=64,
     )
     model, tokenizer = ga.load_policy(s, torch.device("cpu"))
-    untrained = ga.evaluate(model, tokenizer, ga.task_sets(s)[1]["train"], 4, seed=0)
-    _, _, summary = ga.train(s, str(tmp_path), log=lambda *_: None)
+    untrained = greedy_success(model, tokenizer, ga.task_sets(16, 16, 0)[1]["train"])
+    _, _, summary = train(s, tmp_path)
     assert summary["eval_train_success"] >= untrained + 0.4
 
 
@@ -1066,15 +1148,14 @@ def test_short_seeded_run_improves_over_the_untrained_policy(tmp_path):
 def test_cli_smoke_run_writes_outputs_without_warnings_and_the_policy_loads(tmp_path, capsys):
     out = tmp_path / "a"
     command = [sys.executable, os.path.join(HERE, "grpo_agentic.py"), *TINY_ARGS, "--iters", "4"]
-    command += ["--eval-every", "2", "--self-check", "1", "--out-dir", str(out)]
+    command += ["--eval-every", "2", "--out-dir", str(out)]
     result = subprocess.run(command, cwd=HERE, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "Warning" not in result.stderr and "deprecated" not in result.stderr, result.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in rows] == [1, 2, 3, 4]
     assert set(MEASURED) <= rows[1].keys() and "cls_label_noise" in rows[0]
-    assert "eval_held_out_success_self_check" not in rows[1]  # the costly self-check: at the end
-    assert "eval_held_out_success_self_check" in rows[3]
+    assert not set(LAB_COLUMNS) & rows[1].keys()  # the lab's instruments stay in the lab
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["iters"] == 4
     assert summary["end"]["eval_train_success"] == rows[3]["eval_train_success"]
@@ -1091,7 +1172,7 @@ def test_cli_smoke_run_writes_outputs_without_warnings_and_the_policy_loads(tmp_
         "--eval-tasks",
         "8",
     ]
-    again += ["--probe-pairs", "2", "--self-check", "1", "--out-dir", str(tmp_path / "eval")]
+    again += ["--probe-pairs", "2", "--out-dir", str(tmp_path / "eval")]
     assert ga.main(again) == 0  # evaluate the saved policy
 
     def measured(path):
@@ -1105,7 +1186,7 @@ def test_first_log_line_says_how_many_layouts_each_evaluation_uses(tmp_path):
     """Bug caught: 'eval on 32 per split' when only 16 train layouts exist to evaluate in-domain."""
     lines = []
     s = ga.Settings(**{**TINY, "eval_tasks": 32, "sft_steps": 0, "probe_states": 2}, iters=0)
-    ga.train(s, str(tmp_path), log=lines.append)
+    train(s, tmp_path, log=lines.append)
     assert "16 train layouts; greedy evaluation on 16 in-domain and 32 held-out" in lines[0]
 
 
@@ -1122,7 +1203,6 @@ def test_first_log_line_says_how_many_layouts_each_evaluation_uses(tmp_path):
         (["--no-such-flag"], "not used"),
         (["--lr", "nan"], "--lr must be a positive number"),
         (["--iters", "ten"], "invalid int value"),
-        (["--cls-labels", "maybe"], "--cls-labels must be"),
         (["--tiny-dim", "30"], "--tiny-dim must be a multiple of 4"),
     ],
 )
@@ -1164,6 +1244,29 @@ def test_non_finite_loss_stops_cleanly_and_keeps_outputs(tmp_path, capsys):
 
 
 # ---- the lab: experiments.py --------------------------------------------------------------------
+def test_lab_run_adds_its_columns_and_trains_exactly_like_the_reference(tmp_path, capsys):
+    """`experiments.py run` without the lab's flags: the same training as grpo_agentic.py (every
+    shared column equal), with the lab's columns added; the self-check only at the end. Bug
+    caught: a probe that changes the model or draws from the run's random streams."""
+    args = [*TINY_ARGS, "--iters", "2", "--eval-every", "1", "--sft-steps", "20"]
+    assert ga.main([*args, "--out-dir", str(tmp_path / "core")]) == 0
+    lab = ["run", *args, "--self-check", "1", "--out-dir", str(tmp_path / "lab")]
+    assert experiments.main(lab) == 0
+    core = without_times(tmp_path / "core" / "metrics.jsonl")
+    rows = without_times(tmp_path / "lab" / "metrics.jsonl")
+    assert [{k: r[k] for k in c} for c, r in zip(core, rows)] == core
+    assert set(LAB_COLUMNS) <= rows[1].keys()
+    assert "eval_held_out_success_self_check" not in rows[0]  # the costly self-check: at the end
+    assert json.loads((tmp_path / "lab" / "lab.json").read_text())["self_check"] == 1
+    capsys.readouterr()
+    bad = ["run", *args, "--cls-labels", "maybe", "--out-dir", str(tmp_path / "x")]
+    with pytest.raises(SystemExit) as stop:
+        experiments.main(bad)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--cls-labels must be" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+
+
 def test_student_t_quantiles_match_the_table():
     """Bug caught: 1.96 beyond 10 seeds (12 % too narrow at n = 11), or a wrong quantile."""
     table = {1: 12.706, 2: 4.303, 4: 2.776, 10: 2.228, 30: 2.042, 1000: 1.962}
@@ -1205,7 +1308,7 @@ def test_compare_writes_paired_tables_in_worker_processes_and_resumes(tmp_path, 
     between = experiments.show_interval([ends["gigpo", 1, x] - ends["gigpo", 0, x] for x in (0, 1)])
     assert rows[4][2] == between  # gigpo: h1 - h0
     runs = [d for d in tmp_path.iterdir() if d.is_dir()]
-    settings = {d.name: json.loads((d / "settings.json").read_text()) for d in runs}
+    settings = {d.name: experiments.run_fields(d) for d in runs}
     assert len(settings) == 8 and settings["grpo-h0-seed1"]["seed"] == 1
     assert settings["grpo-h0-seed1"]["data_seed"] == 1  # the layouts vary with the seed
     assert settings["grpo-h1-seed0"]["history"] == 1 and settings["gigpo-h0-seed0"]["history"] == 0
@@ -1270,7 +1373,7 @@ def test_compare_refuses_flags_it_sets_per_arm(tmp_path, capsys):
     args = ["compare", *TINY_ARGS, "--iters", "1", "--seeds", "0", "--workers", "1"]
     args += ["--cls-coef", "2", "--out-dir", str(tmp_path / "c")]  # small, should it ever run
     assert experiments.main(args) == 2
-    assert "use --seeds, --histories, --gcd-coef" in capsys.readouterr().err
+    assert "use --seeds, --histories or --gcd-coef" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 
 
@@ -1287,7 +1390,7 @@ def test_warm_start_is_loaded_onto_the_run_device(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "load", fake_load)
     with pytest.raises(RuntimeError, match="stop here"):
-        experiments.compare_job((s, str(tmp_path / "warm.pt"), 1))
+        experiments.compare_job((s, experiments.LabRun(), str(tmp_path / "warm.pt"), 1))
     assert seen.get("map_location") == torch.device("cpu")
 
 
@@ -1309,28 +1412,30 @@ def test_gigpo_step_advantages_of_a_hand_made_group_with_shared_states():
     visited once."""
     episodes = [0, 1, 2, 0, 1, 2, 0, 1, 2, 1]  # moves in the order they were played
     states = ["s0", "s0", "s0", "s1", "s1", "a", "b", "c", "d", "e"]
-    returns = ga.step_returns(episodes, torch.tensor([1.0, 0.0, 1.0]), gamma=0.9)
+    returns = experiments.step_returns(episodes, torch.tensor([1.0, 0.0, 1.0]), gamma=0.9)
     assert torch.allclose(returns, torch.tensor([0.81, 0, 0.81, 0.9, 0, 0.9, 1.0, 0, 1.0, 0]))
-    step = ga.gigpo_step_advantages([(0, x) for x in states], returns, eps=0.0)
+    step = experiments.gigpo_step_advantages([(0, x) for x in states], returns, eps=0.0)
     s0_mean = 1.62 / 3
     s0_std = np.sqrt(((0.81 - 0.54) ** 2 * 2 + 0.54**2) / 3)  # population std
     s0 = [(0.81 - s0_mean) / s0_std, -s0_mean / s0_std, (0.81 - s0_mean) / s0_std]
     expected = torch.tensor(s0 + [1.0, -1.0, 0, 0, 0, 0, 0], dtype=torch.float)
     assert torch.allclose(step, expected, atol=1e-5)
-    unscaled = ga.gigpo_step_advantages([(0, x) for x in states], returns, scale_by_std=False)
+    unscaled = experiments.gigpo_step_advantages(
+        [(0, x) for x in states], returns, scale_by_std=False
+    )
     assert torch.allclose(unscaled[:5], torch.tensor([0.27, -0.54, 0.27, 0.45, -0.45]), atol=1e-6)
     # Another task with the same observation is another anchor group: no credit between tasks.
-    other_task = ga.gigpo_step_advantages([(0, "s1"), (1, "s1")], torch.tensor([0.9, 0.0]))
+    other_task = experiments.gigpo_step_advantages([(0, "s1"), (1, "s1")], torch.tensor([0.9, 0.0]))
     assert other_task.tolist() == [0.0, 0.0]
 
 
 def test_step_credit_coef_0_trains_exactly_like_grpo(tmp_path):
     """w = 0 must reproduce GRPO exactly; w = 1 must change the run (else the flag is dead)."""
     runs = {}
+    s = ga.Settings(**{**TINY, "sft_steps": 40, "sft_batch": 64, "iters": 3, "eval_every": 3})
     for w in (0.0, 1.0, None):
-        extra = {} if w is None else {"step_credit_coef": w}
-        settings = {**TINY, "sft_steps": 40, "sft_batch": 64, "iters": 3, "eval_every": 3}
-        ga.train(ga.Settings(**settings, **extra), str(tmp_path), log=lambda *_: None)
+        credit = None if w is None else experiments.gigpo_credit(w, 0.95, s.group_size)
+        train(s, tmp_path, credit=credit)
         runs[w] = without_times(tmp_path / "metrics.jsonl")
     assert runs[0.0] == runs[None] and runs[1.0] != runs[None]
 
@@ -1347,7 +1452,6 @@ def test_self_check_resamples_rejected_moves_while_tries_remain(monkeypatch):
         ids = [ga.action_ids_for(tokenizer, m) for m in moves]
         return ids, [[0.0] * len(x) for x in ids], [" " + m for m in moves]
 
-    monkeypatch.setattr(ga, "generate_actions", scripted)
     judged = []
 
     def judge(prompts, actions):
@@ -1358,7 +1462,9 @@ def test_self_check_resamples_rejected_moves_while_tries_remain(monkeypatch):
     for tries in (0, 1, 2):
         resamples = iter(["up"] + ["left"] * 40)
         judged[:] = []
-        moves, _, _ = ga.rollout(None, tokenizer, [LAYOUT], 1, 4, 1.0, True, None, judge, tries)
+        sample = experiments.self_checking(judge, tries) if tries else scripted
+        monkeypatch.setattr(ga, "generate_actions", scripted)  # what the self-check wraps
+        moves, _, _ = play(None, tokenizer, [LAYOUT], 1, 4, 1.0, True, sample=sample)
         first_move[tries] = moves[0].action
         assert len(judged) >= tries  # the judge saw every try
     assert first_move == {0: "up", 1: "up", 2: "left"}
@@ -1368,18 +1474,25 @@ def test_self_check_resamples_rejected_moves_while_tries_remain(monkeypatch):
 def test_labelled_pairs_advantage_sign_and_every_move_under_the_oracle():
     tokenizer = ga.build_word_tokenizer()
     env = toy_env.GridWorld.from_string(LAYOUT)  # at the start (0, 0): right and down are good
-    prompt = ga.encode_prompts(tokenizer, [env.observation()])[0]
-    good = ("right", "down")
+    prompt = encode_prompts(tokenizer, [env.observation()])[0]
+    good = ("down", "right")
     moves = [
-        ga.Move(k, prompt, ga.action_ids_for(tokenizer, a), [], a, a, a in good, good)
+        ga.Move(
+            k, prompt, prompt, ga.action_ids_for(tokenizer, a), [], a, a, env.step(a)[3]
+        )  # the oracle's labels in info, from the start state every time
         for k, a in enumerate(("right", "up", "down", "left"))
+        if env.reset() is not None
     ]
+    assert [m.info["good"] for m in moves] == [True, False, True, False]
+    assert {m.info["good_actions"] for m in moves} == {good}
     advantages = torch.tensor([0.7, 0.5, -0.2, 0.0])  # 'up' is flawed yet A > 0; 'left' has A = 0
     prompts = [m.prompt_ids for m in moves]
     actions = [m.action_ids for m in moves]
     _, labelled_actions, labels = ga.advantage_labelled_pairs(prompts, actions, advantages)
     assert labels.tolist() == [1, 1, 0] and labelled_actions == actions[:3]
-    prompts, actions, labels = ga.oracle_labelled_pairs(moves, tokenizer)  # one distinct state
+    prompts, actions, labels = experiments.oracle_labelled_pairs(
+        moves, None, tokenizer
+    )  # one distinct state
     assert prompts == [prompt] * 4
     assert actions == [ga.action_ids_for(tokenizer, a) for a in toy_env.ACTIONS]
     assert labels.tolist() == [0, 1, 0, 1]  # up, down, left, right
@@ -1393,7 +1506,7 @@ def test_verdict_read_in_one_forward_equals_the_summed_log_probs_of_each_verdict
     reading the last column (padding for the short prompts) instead of each row's last token."""
     model, tokenizer = ga.load_policy(ga.Settings(tiny_layers=1, tiny_dim=32), torch.device("cpu"))
     grids = [LAYOUTS_3X3[0], toy_env.sample_layouts("train", 1, seed=0)[0], LAYOUTS_3X3[1]]
-    prompts = ga.encode_prompts(tokenizer, [observation(x) for x in grids])
+    prompts = encode_prompts(tokenizer, [observation(x) for x in grids])
     assert len({len(p) for p in prompts}) == 2
     actions = [ga.action_ids_for(tokenizer, a) for a in ("up", "left", "down")]
     query = tokenizer(ga.VERDICT_QUERY, add_special_tokens=False)["input_ids"]
@@ -1412,7 +1525,7 @@ def test_a_tied_verdict_counts_as_good(tiny):
     """ScriptedLM scores " bad" and " good" exactly alike after the query. Bug caught: a tie read
     as "bad" (argmax picks column 0), which would make the self-check resample every such move."""
     s, _, tokenizer = tiny
-    prompts = ga.encode_prompts(tokenizer, [observation(LAYOUT)] * 2)
+    prompts = encode_prompts(tokenizer, [observation(LAYOUT)] * 2)
     actions = [ga.action_ids_for(tokenizer, a) for a in ("up", "left")]
     scores = ga.verdict_logits(ScriptedLM(tokenizer), tokenizer, prompts, actions)
     assert torch.equal(scores[:, ga.BAD], scores[:, ga.GOOD])  # a real tie
@@ -1438,7 +1551,7 @@ def coupled_examples(tokenizer, pairs):
     prompts, actions, labels = [], [], []
     for good_layout, flawed_layout, action in pairs:
         for layout, label in ((good_layout, 1), (flawed_layout, 0)):
-            prompts.append(ga.encode_prompts(tokenizer, [observation(layout)])[0])
+            prompts.append(encode_prompts(tokenizer, [observation(layout)])[0])
             actions.append(ga.action_ids_for(tokenizer, action))
             labels.append(label)
     return prompts, actions, torch.tensor(labels)

@@ -208,19 +208,24 @@ class GridWorld:
         return [a for a in ACTIONS if self.is_good(a, pos)]
 
     def step(self, action_text) -> tuple[str, float, bool, dict]:
-        """Apply free-text `action_text`. Unparseable text: the agent stays; the step counts."""
+        """Apply free-text `action_text` (or None). Unparseable: the agent stays; the step counts.
+        info holds the oracle's view of the state the agent acted in (diagnostics only)."""
         if self.done:
             raise RuntimeError("the episode is over; call reset()")
         action = parse_action(action_text)
-        good = self.is_good(action_text)
+        info = dict(
+            valid=action is not None,
+            good=self.is_good(action_text),  # the oracle's label of this action here
+            good_actions=tuple(self.good_actions()),  # every action it calls good here
+            cell=self.pos,  # where the agent stood when it acted
+            action=action,
+        )
         if action is not None:
             self.pos = self.next_pos(self.pos, action)
         self.steps += 1
         success = self.pos == self.goal
         self.done = success or self.steps >= self.max_steps
-        info = dict(
-            valid=action is not None, good=good, success=success, action=action, steps=self.steps
-        )
+        info.update(success=success, steps=self.steps)
         return self.observation(), float(success), self.done, info
 
     def free_cells(self) -> list[tuple[int, int]]:
