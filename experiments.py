@@ -473,7 +473,9 @@ class Lab:
         default_factory=lambda: [0, 2],
         metadata={"help": "regimes: --history of every arm; differences to the first are paired"},
     )
-    workers: int = field(default=2, metadata={"help": "runs at once, each in its own process"})
+    workers: int = field(
+        default=2, metadata={"help": "runs at once, each in its own process (1: in this one)"}
+    )
     gcd_coef: float = field(default=0.5, metadata={"help": "--cls-coef of the two GCD arms"})
     gigpo_coef: float = field(default=1.0, metadata={"help": "--step-credit-coef of GiGPO"})
     self_check_tries: int = field(default=3, metadata={"help": "K of every arm's self-check"})
@@ -711,7 +713,9 @@ def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
     end, start = {}, {}
     work = [(job, extra, warm_paths[job.history, job.seed], lab.workers) for job, extra in jobs]
     with ProcessPoolExecutor(lab.workers, mp_context=get_context("spawn")) as pool:  # no fork
-        for key, summary in zip(keys, pool.map(compare_job, work)):
+        # One worker runs in this process: nothing to start, and a debugger can follow it.
+        summaries = map(compare_job, work) if lab.workers == 1 else pool.map(compare_job, work)
+        for key, summary in zip(keys, summaries):
             end[key] = end_values(summary)
             start[key] = summary["start"]
             shown = ", ".join(f"{k} {end[key][k]:.3f}" for k in SUCCESS)

@@ -190,14 +190,14 @@ def build_tiny_model(tokenizer, layers: int, dim: int, positions: int, arch: str
     positions, RMSNorm, a SwiGLU MLP 8/3 x wide (the same parameter count), as Llama and Qwen are.
     `positions`: the longest sequence it must read (GPT-2's positions are learned, and a longer
     input fails with an index error); never fewer than 64, so the default run's init is stable."""
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-
     special = dict(
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     if arch == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM  # imported when needed: seconds
+
         config = LlamaConfig(
             vocab_size=len(tokenizer),
             max_position_embeddings=max(64, positions),
@@ -212,6 +212,8 @@ def build_tiny_model(tokenizer, layers: int, dim: int, positions: int, arch: str
             **special,
         )
         return LlamaForCausalLM(config)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=max(64, positions),
@@ -288,8 +290,6 @@ def positions_needed(tokenizer, layouts: list[str], max_action_tokens: int, hist
 def load_policy(s: Settings, device: torch.device):
     """(model, tokenizer): the tiny built-in model (seeded with --seed), or the causal LM named by
     --model, refused in one line (ValueError) if it reads fewer positions than this run needs."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     pool, eval_sets = task_sets(s.train_tasks, s.eval_tasks, s.data_seed)
     layouts = pool + eval_sets["held_out"]
     if not s.model:
@@ -298,6 +298,8 @@ def load_policy(s: Settings, device: torch.device):
         torch.manual_seed(s.seed)
         model = build_tiny_model(tokenizer, s.tiny_layers, s.tiny_dim, positions, s.tiny_arch)
         return model.to(device), tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(s.model)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"--model {s.model}: its tokenizer has no end-of-text token")

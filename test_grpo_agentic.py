@@ -35,6 +35,7 @@ TINY = dict(
     sft_batch=16,
     render_every=0,
     probe_pairs=2,
+    probe_states=4,
 )
 TINY_ARGS = [x for k, v in TINY.items() for x in ("--" + k.replace("_", "-"), str(v))]
 LAYOUT = "A.#\n..#\n#.G"
@@ -1125,23 +1126,28 @@ def test_byte_level_bpe_model_trains_end_to_end(tmp_path):
     assert torch.isfinite(ga.classification_loss(model, tokenizer, prompts, actions, labels))
 
 
-def test_short_seeded_run_improves_over_the_untrained_policy(tmp_path):
+def test_short_seeded_run_improves_over_the_untrained_and_the_warm_started_policy(tmp_path):
+    """RL itself must learn, not only the warm-up (measured: 0.00 untrained, 0.19 after the
+    warm-up, 0.88 after 20 GRPO iterations). Bug caught: an update that does not follow the
+    advantage (a sign error, a mask on the prompt), which the warm-up alone would hide."""
     s = ga.Settings(
-        iters=40,
+        iters=20,
         train_tasks=16,
         eval_tasks=16,
         tasks_per_iter=8,
         sft_steps=40,
         render_every=0,
-        eval_every=40,
+        eval_every=20,
         probe_pairs=2,
+        probe_states=4,
         tiny_layers=2,
         tiny_dim=64,
     )
     model, tokenizer = ga.load_policy(s, torch.device("cpu"))
     untrained = greedy_success(model, tokenizer, ga.task_sets(16, 16, 0)[1]["train"])
     _, _, summary = train(s, tmp_path)
-    assert summary["eval_train_success"] >= untrained + 0.4
+    warm_started = summary["start"]["eval_train_success"]
+    assert warm_started >= untrained and summary["eval_train_success"] >= warm_started + 0.4
 
 
 # ---- the command line ---------------------------------------------------------------------------
@@ -1172,7 +1178,7 @@ def test_cli_smoke_run_writes_outputs_without_warnings_and_the_policy_loads(tmp_
         "--eval-tasks",
         "8",
     ]
-    again += ["--probe-pairs", "2", "--out-dir", str(tmp_path / "eval")]
+    again += ["--probe-pairs", "2", "--probe-states", "4", "--out-dir", str(tmp_path / "eval")]
     assert ga.main(again) == 0  # evaluate the saved policy
 
     def measured(path):
@@ -1278,14 +1284,15 @@ def test_student_t_quantiles_match_the_table():
     assert (high - low) / 2 == pytest.approx(half, rel=1e-3) and mean == pytest.approx(0.5)
 
 
-def test_compare_writes_paired_tables_in_worker_processes_and_resumes(tmp_path, capsys):
+def test_compare_writes_paired_tables_and_resumes_in_worker_processes(tmp_path, capsys):
     """Bug caught: a resumed comparison that retrains finished runs (or reads another arm's
     summary), one that silently mixes in runs made with other settings, or a between-regimes
-    cell that pairs the wrong runs."""
+    cell that pairs the wrong runs. The runs are made in this process (--workers 1), then read
+    back by two worker processes (what they are sent and send back must pickle)."""
     args = ["compare", *TINY_ARGS, "--iters", "2", "--eval-every", "2", "--seeds", "0", "1"]
-    args += ["--arms", "grpo", "gigpo", "--histories", "0", "1"]
-    args += ["--workers", "2", "--out-dir", str(tmp_path)]
-    assert experiments.main(args) == 0
+    args += ["--arms", "grpo", "gigpo", "--histories", "0", "1", "--out-dir", str(tmp_path)]
+    assert experiments.main([*args, "--workers", "1"]) == 0
+    args += ["--workers", "2"]
     table = (tmp_path / "compare.md").read_text()
     header = "| paired difference | gigpo - grpo |"
     assert table.count("## History H = ") == 2 and table.count("## Between regimes") == 1
@@ -1433,9 +1440,11 @@ def test_step_credit_coef_0_trains_exactly_like_grpo(tmp_path):
     """w = 0 must reproduce GRPO exactly; w = 1 must change the run (else the flag is dead)."""
     runs = {}
     s = ga.Settings(**{**TINY, "sft_steps": 40, "sft_batch": 64, "iters": 3, "eval_every": 3})
+    model, tokenizer = ga.load_policy(s, torch.device("cpu"))
+    start = ga.warm_start(model.eval(), tokenizer, s, log=lambda *_: None)  # shared by the runs
     for w in (0.0, 1.0, None):
         credit = None if w is None else experiments.gigpo_credit(w, 0.95, s.group_size)
-        train(s, tmp_path, credit=credit)
+        train(s, tmp_path, start=start, credit=credit)
         runs[w] = without_times(tmp_path / "metrics.jsonl")
     assert runs[0.0] == runs[None] and runs[1.0] != runs[None]
 
@@ -1574,7 +1583,7 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
     query token; the probe's hidden_cos is read elsewhere, where the move is predicted). Trained
     on 64 coupled pairs from scratch, measured on 32 pairs it never saw."""
     torch.manual_seed(0)
-    model, tokenizer = ga.load_policy(ga.Settings(tiny_layers=2, tiny_dim=64), torch.device("cpu"))
+    model, tokenizer = ga.load_policy(ga.Settings(tiny_layers=1, tiny_dim=64), torch.device("cpu"))
     pairs = toy_env.coupled_pairs("train", 96, seed=0)
     train_prompts, train_actions, train_labels = coupled_examples(tokenizer, pairs[:64])
     test_prompts, test_actions, test_labels = coupled_examples(tokenizer, pairs[64:])
@@ -1602,6 +1611,7 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
     acc_after, cos_after = accuracy_and_pair_cosine()
     # 64 unseen moves: >= 40 right has probability ~2.5 % under chance. Learning a one-cell
     # relation from 64 pairs is hard for a small model from scratch: it generalises only partly
-    # (measured: accuracy 0.50 -> 0.656, 42 of 64; cosine 0.993 -> 0.846).
+    # (measured on the 1-layer tiny Llama: accuracy 0.50 -> 0.688, 44 of 64; cosine 0.996 ->
+    # 0.724).
     assert acc_before == 0.5 and acc_after >= 0.625, (acc_before, acc_after)
     assert cos_before > 0.9 and cos_after < cos_before - 0.1, (cos_before, cos_after)
