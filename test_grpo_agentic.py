@@ -1096,6 +1096,18 @@ def test_same_seed_same_metrics_on_cpu_also_from_a_saved_warm_start(tmp_path):
     assert a == b == c
 
 
+def test_a_warm_start_keeps_its_weights_while_the_model_it_came_from_trains(tmp_path):
+    """Bug caught: warm_start returning the live state_dict, whose tensors are the model's own:
+    training that model then changed the start every later arm of a seed would load."""
+    s = ga.Settings(**{**TINY, "sft_steps": 40, "sft_batch": 64, "iters": 3, "eval_every": 3})
+    model, tokenizer = ga.load_policy(s, torch.device("cpu"))
+    start = ga.warm_start(model.eval(), tokenizer, s, log=lambda *_: None)
+    kept = {k: v.clone() for k, v in start["policy"].items()}
+    ga.train(model, tokenizer, s, str(tmp_path), lambda *_: None, start=start)
+    assert all(torch.equal(kept[k], v) for k, v in start["policy"].items())
+    assert not all(torch.equal(kept[k], v) for k, v in model.state_dict().items())  # it trained
+
+
 def bpe_gpt2():
     """A byte-level BPE tokenizer trained here (no pad token: eos is used; moves and verdict words
     of several tokens) and a small GPT-2 for it, as a user's own model would be."""
@@ -1275,7 +1287,7 @@ def test_non_finite_loss_stops_cleanly_and_keeps_outputs(tmp_path, capsys):
 def test_lab_run_adds_its_columns_and_trains_exactly_like_the_reference(tmp_path, capsys):
     """`experiments.py run` without the lab's flags: the same training as grpo_agentic.py (every
     shared column equal), with the lab's columns added; the self-check only at the end. Bug
-    caught: a probe that changes the model or draws from the run's random streams."""
+    caught: a probe that changes the model (seen red with a probe that scales one weight)."""
     args = [*TINY_ARGS, "--iters", "2", "--eval-every", "1", "--sft-steps", "20"]
     assert ga.main([*args, "--out-dir", str(tmp_path / "core")]) == 0
     lab = ["run", *args, "--self-check", "1", "--out-dir", str(tmp_path / "lab")]
