@@ -839,7 +839,10 @@ HOW_TO_READ = (  # under the panels
     f"faint: each iteration; bold: the mean of the {2 * TREND_HALF_WINDOW + 1} around it; "
     "dots: the measures (greedy success and probes)"
 )
-NOT_A_LABEL = NOT_PART_OF_A_RUN + ("render_every",)  # differences that do not tell runs apart
+# Differences that do not tell runs apart: where and how a run ran, its log, and what "model"
+# (model_name) already says.
+NOT_A_LABEL = NOT_PART_OF_A_RUN + ("render_every", "tiny_arch", "tiny_layers", "tiny_dim")
+MAX_LABEL_SETTINGS = 3  # runs that differ in more are told apart by their directories
 
 
 def read_run(run_dir: str) -> dict:
@@ -885,12 +888,12 @@ def model_name(settings: dict) -> str:
 
 
 def run_labels(run_dirs: list[str], runs: list[dict]) -> list[str]:
-    """A legend label per run: the settings the runs differ in ("history 2, seed 0"), or the
-    run's directory where they differ in none."""
+    """A legend label per run: the settings the runs differ in ("history 2"), or, where they
+    differ in none or in more than MAX_LABEL_SETTINGS, the run's directory."""
     settings = [{**r["settings"], "model": model_name(r["settings"])} for r in runs]
     keys = sorted(set().union(*settings) - set(NOT_A_LABEL))
     differ = [k for k in keys if len({json.dumps(s.get(k)) for s in settings}) > 1]
-    if not differ:
+    if not differ or len(differ) > MAX_LABEL_SETTINGS:
         return list(run_dirs)
     return [", ".join(f"{k} {s.get(k)}" for k in differ) for s in settings]
 
@@ -912,7 +915,9 @@ def figure_title(run_dirs: list[str], runs: list[dict], labels: list[str]) -> st
     ]
     if len(runs) == 1:
         return f"{run_dirs[0]}: " + ", ".join(shared)
-    styles = "; ".join(f"{name}: {label}" for (_, name), label in zip(RUN_STYLES, labels))
+    styles = [f"{name}: {label}" for (_, name), label in zip(RUN_STYLES, labels)]
+    one_line = "; ".join(styles)
+    styles = one_line if len(one_line) <= 100 else "\n".join(styles)  # else: too wide to read
     return "\n".join(part for part in (", ".join(shared), styles) if part)
 
 

@@ -1567,6 +1567,14 @@ def test_plot_overlays_runs_labelled_by_their_difference_and_skips_missing_colum
     assert fig.get_suptitle().endswith("solid: history 0; dashed: history 2")
 
 
+def test_runs_are_labelled_by_the_settings_they_differ_in_or_by_their_directories():
+    base = {"model": "", "tiny_arch": "llama", "tiny_layers": 3, "tiny_dim": 96, "out_dir": "x"}
+    runs = [{"settings": {**base, "history": h, "out_dir": d}} for h, d in [(0, "a"), (2, "b")]]
+    assert experiments.run_labels(["a", "b"], runs) == ["history 0", "history 2"]
+    other = {**base, "history": 2, "seed": 1, "lr": 0.1, "tiny_arch": "gpt2"}  # 4 differences
+    assert experiments.run_labels(["a", "b"], [runs[0], {"settings": other}]) == ["a", "b"]
+
+
 def test_plot_refuses_what_is_not_a_run_in_one_line(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     (tmp_path / "empty").mkdir()
