@@ -4,7 +4,9 @@
     python experiments.py compare --out-dir results/compare-llama --tiny-arch llama
                                               # 3 arms x 2 regimes (H = 0, 2) x 5 seeds: 30 runs
     python experiments.py between results/compare-gpt2 results/compare-llama   # same runs, 2 models
-    python experiments.py plot results/compare-llama          # compare.png (needs matplotlib)
+    python experiments.py plot results/default                # curves.png (needs matplotlib)
+    python experiments.py plot RUN_DIR RUN_DIR --out both.png  # two runs' curves overlaid
+    python experiments.py plot results/compare-llama          # compare.png: arms' means
     python experiments.py self-check-control results/compare-llama   # verdict vs a coin
     python experiments.py probe-baselines results/default     # what the coupling probe reads
     python experiments.py label-noise results/default         # advantage labels vs the oracle
@@ -799,23 +801,279 @@ def between_dirs(dir_a: str, dir_b: str) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(out_dir: str) -> str:
-    """compare.png: the chain over training (iteration 0: after the warm-up), mean over seeds."""
+def summary_path(out_dir: str, run: str) -> str:
+    return os.path.join(out_dir, run, "summary.json")
+
+
+# ---- Figures: one run's curves, runs overlaid, a comparison's means (need matplotlib) ----------
+def figure_class():
+    """matplotlib's Figure, imported only here: pictures need matplotlib, training does not.
+    A Figure made directly, not through pyplot, draws with Agg: no window, no global state."""
     try:
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         raise ImportError(
             "plot needs matplotlib (not a run-time dependency): pip install matplotlib"
+        ) from None
+    return Figure
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One line of a panel: a column of a run's files."""
+
+    column: str  # its name in metrics.jsonl, the name the README and the log use
+    measured: bool  # written at each measure (iteration 0 too), else at every iteration
+    colour: str
+    gloss: str = ""  # what the name does not say, in the legend after it
+    right: bool = False  # on the panel's second y-axis
+
+
+PANELS = (  # (title, y label, [curves]); a curve with right=True goes on a second y-axis
+    (
+        "Success: sampled, and greedy (eval_*)",
+        "share of episodes won",
+        [
+            Curve("success", False, "tab:gray", "sampled"),
+            Curve("eval_train_success", True, "tab:blue"),
+            Curve("eval_held_out_success", True, "tab:orange"),
+        ],
+    ),
+    (
+        "Lemma 3.1: flawed moves punished on average",
+        "mean advantage A",
+        [
+            Curve("adv_flawed_mean", False, "tab:red"),
+            Curve("adv_good_mean", False, "tab:green"),
+            Curve("flawed_pos_adv_frac", False, "tab:purple", "right", right=True),
+        ],
+    ),
+    (
+        "Coupling of the probe's twins",
+        "cosine, good vs flawed twin",
+        [
+            Curve("coupling_cos", True, "tab:brown", "gradients"),
+            Curve("hidden_cos", True, "tab:cyan", "hidden states"),
+        ],
+    ),
+    (
+        "The learning signal",
+        "share of groups with unequal rewards",
+        [Curve("mixed_groups", False, "tab:olive")],
+    ),
+)
+RIGHT_Y_LABEL = "share of flawed moves, A > 0"  # panel 2's second axis
+TREND_HALF_WINDOW = 5  # a per-iteration column's trend: the mean of the 11 iterations around it
+# One line style per overlaid run (named in the title); a colour stays with its column.
+RUN_STYLES = (("-", "solid"), ("--", "dashed"), (":", "dotted"), ("-.", "dash-dot"))
+HOW_TO_READ = (  # under the panels
+    f"faint: each iteration; bold: the mean of the {2 * TREND_HALF_WINDOW + 1} around it; "
+    "dots: the measures (greedy success and probes)"
+)
+# Differences that do not tell runs apart: where and how a run ran, its log, and what "model"
+# (model_name) already says.
+NOT_A_LABEL = NOT_PART_OF_A_RUN + ("render_every", "tiny_arch", "tiny_layers", "tiny_dim")
+MAX_LABEL_SETTINGS = 3  # runs that differ in more are told apart by their directories
+
+
+def read_run(run_dir: str) -> dict:
+    """A run's own files: "settings" (settings.json, and lab.json for a lab run), "rows" (one per
+    iteration, metrics.jsonl) and "start" (iteration 0's measure, summary.json's "start"; None
+    while the run is still going: summary.json is written at its end)."""
+    needed = [os.path.join(run_dir, name) for name in ("settings.json", "metrics.jsonl")]
+    if not all(os.path.isfile(path) for path in needed):
+        raise ValueError(
+            f"{run_dir} is not a run: a run directory holds settings.json and metrics.jsonl"
         )
+    with open(needed[1]) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    start = None
+    if os.path.isfile(os.path.join(run_dir, "summary.json")):
+        with open(os.path.join(run_dir, "summary.json")) as f:
+            start = json.load(f).get("start")
+    return {"settings": run_fields(run_dir), "rows": rows, "start": start}
+
+
+def as_float(value) -> float:
+    """A JSON value as a float: null (how a run writes NaN) and a missing value become NaN."""
+    return math.nan if value is None else float(value)
+
+
+def curve_points(run: dict, curve: Curve) -> tuple[list[int], list[float]]:
+    """(iterations, values) of one curve of one run. A measured column is read at iteration 0
+    (summary.json's "start") and at the rows of metrics.jsonl that hold it; any other column at
+    every row. A null or missing value is NaN: a gap in the line."""
+    rows = run["rows"]
+    if curve.measured:
+        rows = [{"iter": 0, **run["start"]}] if run["start"] else []
+        rows += [r for r in run["rows"] if curve.column in r]
+    return [r["iter"] for r in rows], [as_float(r.get(curve.column)) for r in rows]
+
+
+def model_name(settings: dict) -> str:
+    """The policy a run trained: a --model's file or folder name, or the built-in tiny model."""
+    if settings.get("model"):
+        return os.path.basename(settings["model"].rstrip("/"))
+    arch = settings.get("tiny_arch", "gpt2")  # runs from before --tiny-arch: GPT-2 was the one
+    return f"tiny {arch} ({settings.get('tiny_layers')} x {settings.get('tiny_dim')})"
+
+
+def run_labels(run_dirs: list[str], runs: list[dict]) -> list[str]:
+    """A legend label per run: the settings the runs differ in ("history 2"), or, where they
+    differ in none or in more than MAX_LABEL_SETTINGS, the run's directory."""
+    settings = [{**r["settings"], "model": model_name(r["settings"])} for r in runs]
+    keys = sorted(set().union(*settings) - set(NOT_A_LABEL))
+    differ = [k for k in keys if len({json.dumps(s.get(k)) for s in settings}) > 1]
+    if not differ or len(differ) > MAX_LABEL_SETTINGS:
+        return list(run_dirs)
+    return [", ".join(f"{k} {s.get(k)}" for k in differ) for s in settings]
+
+
+def figure_title(run_dirs: list[str], runs: list[dict], labels: list[str]) -> str:
+    """Model, history and seed where the runs share them; then which line style is which run
+    (one run: its directory first)."""
+    described = [
+        {
+            "model": model_name(r["settings"]),
+            **{k: r["settings"].get(k) for k in ("history", "seed")},
+        }
+        for r in runs
+    ]
+    shared = [
+        value if key == "model" else f"{key} {value}"
+        for key, value in described[0].items()
+        if all(d[key] == value for d in described)
+    ]
+    if len(runs) == 1:
+        return f"{run_dirs[0]}: " + ", ".join(shared)
+    styles = [f"{name}: {label}" for (_, name), label in zip(RUN_STYLES, labels)]
+    one_line = "; ".join(styles)
+    styles = one_line if len(one_line) <= 100 else "\n".join(styles)  # else: too wide to read
+    return "\n".join(part for part in (", ".join(shared), styles) if part)
+
+
+def window_mean(values: list[float], half: int) -> list[float]:
+    """Each value replaced by the mean of the finite values at most `half` places from it (NaN
+    where there are none): the trend of a noisy per-iteration column.
+
+    >>> window_mean([0.0, 1.0, math.nan, 3.0], half=1)
+    [0.5, 0.5, 2.0, 3.0]
+    """
+    y = np.asarray(values, dtype=float)
+    means = []
+    for i in range(len(y)):
+        near = y[max(0, i - half) : i + half + 1]
+        near = near[~np.isnan(near)]
+        means.append(float(near.mean()) if len(near) else math.nan)
+    return means
+
+
+def draw_curve(ax, x: list[int], y: list[float], curve: Curve, style: str, label: str):
+    """One curve of one run; returns the line its legend shows. A measured column: a line through
+    its measures. Any other: each iteration faint, and its trend (window_mean) over it."""
+    if curve.measured:
+        (line,) = ax.plot(x, y, style, color=curve.colour, marker="o", markersize=4, label=label)
+        return line
+    ax.plot(x, y, style, color=curve.colour, linewidth=0.6, alpha=0.35, label=label)
+    trend = window_mean(y, TREND_HALF_WINDOW)
+    (line,) = ax.plot(x, trend, style, color=curve.colour, linewidth=1.6, label=f"{label}, trend")
+    return line
+
+
+def draw_panel(ax, title: str, y_label: str, curves: list[Curve], runs: list[dict], labels):
+    """One panel: each curve of each run, in the curve's colour and the run's line style, each
+    line labelled "column (gloss)", then ": run label" when runs are overlaid. A curve no run
+    holds a value of is left out (a column older runs lack; no oracle, no flawed moves), and a
+    panel left empty says so. Returns the panel's legend: {legend text: the curve's first line}."""
+    right_ax = ax.twinx() if any(c.right for c in curves) else None
+    legend = {}
+    for curve in curves:
+        for run, label, (style, _) in zip(runs, labels, RUN_STYLES):
+            x, y = curve_points(run, curve)
+            if np.isnan(y).all():
+                continue
+            text = f"{curve.column} ({curve.gloss})" if curve.gloss else curve.column
+            line_label = text + (f": {label}" if len(runs) > 1 else "")
+            line = draw_curve(right_ax if curve.right else ax, x, y, curve, style, line_label)
+            legend.setdefault(text, line)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    if right_ax is not None:
+        right_ax.set_ylabel(RIGHT_Y_LABEL, color="tab:purple")
+    if not legend:
+        ax.text(0.5, 0.5, "not in these runs' files", ha="center", transform=ax.transAxes)
+    # The legend sits above the panel, under its title, where it covers no line.
+    ax.legend(
+        legend.values(),
+        legend.keys(),
+        title=title,
+        title_fontproperties={"size": 10},
+        loc="lower center",
+        bbox_to_anchor=(0.5, 1.0),
+        ncols=min(len(curves), 2),  # wider than its panel, a legend would cover the next one
+        fontsize=7,
+        frameon=False,
+        handlelength=2.5,
+    )
+    return legend
+
+
+def plot_runs(run_dirs: list[str], path: str):
+    """One picture of runs' curves, read from their own files: success, Lemma 3.1, coupling and
+    the learning signal, 2 x 2 panels; several runs overlaid, each in its own line style. Saves
+    it to `path` and returns the matplotlib Figure (its lines hold the data drawn)."""
+    Figure = figure_class()
+    if len(run_dirs) > len(RUN_STYLES):
+        raise ValueError(f"plot overlays at most {len(RUN_STYLES)} runs, got {len(run_dirs)}")
+    runs = [read_run(d) for d in run_dirs]
+    labels = run_labels(run_dirs, runs)
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    axes = fig.subplots(2, 2, sharex=True).flatten()
+    for ax, (title, y_label, curves) in zip(axes, PANELS):
+        draw_panel(ax, title, y_label, curves, runs, labels)
+    for ax in axes[2:]:
+        ax.set_xlabel("GRPO iteration (0: after the warm-up)")
+    fig.suptitle(figure_title(run_dirs, runs, labels), fontsize=11)
+    fig.supxlabel(HOW_TO_READ, fontsize=8, color="dimgray")
+    save_figure(fig, path)
+    return fig
+
+
+def save_figure(fig, path: str) -> None:
+    """Saves at 100 dpi; a PNG in 256 colours (Pillow comes with matplotlib): about 40 % of the
+    bytes of matplotlib's own RGBA file, which its faint, antialiased lines make large, and to
+    the eye the same picture."""
+    fig.savefig(path, dpi=100)
+    if path.lower().endswith(".png"):
+        from PIL import Image
+
+        with Image.open(path) as drawn:
+            fewer_colours = drawn.convert("RGB").quantize(256)
+        fewer_colours.save(path, optimize=True)
+
+
+def is_comparison(directory: str) -> bool:
+    """A directory of finished runs (experiments.py compare's --out-dir), not a run itself."""
+    if not os.path.isdir(directory) or os.path.exists(os.path.join(directory, "metrics.jsonl")):
+        return False
+    return any(os.path.exists(summary_path(directory, d)) for d in os.listdir(directory))
+
+
+def plot_comparison(compare_dir: str, path: str) -> str:
+    """The chain over training (iteration 0: after the warm-up), each arm's mean over seeds."""
+    Figure = figure_class()
     keys = ("cls_bacc_held_out", "hidden_cos_centred", "coupling_cos", "eval_held_out_success")
-    fig, axes = plt.subplots(1, len(keys), figsize=(17, 3.8))
-    finished = [d for d in sorted(os.listdir(out_dir)) if os.path.exists(summary_path(out_dir, d))]
+    fig = Figure(figsize=(17, 3.8))
+    axes = fig.subplots(1, len(keys))
+    finished = [
+        d for d in sorted(os.listdir(compare_dir)) if os.path.exists(summary_path(compare_dir, d))
+    ]
     for arm in sorted({d.rsplit("-seed", 1)[0] for d in finished}):
         curves = []
         for d in (d for d in finished if d.rsplit("-seed", 1)[0] == arm):
-            with open(summary_path(out_dir, d)) as f:
+            with open(summary_path(compare_dir, d)) as f:
                 curve = [{"iter": 0, **json.load(f)["start"]}]
-            with open(os.path.join(out_dir, d, "metrics.jsonl")) as f:
+            with open(os.path.join(compare_dir, d, "metrics.jsonl")) as f:
                 curve += [row for row in map(json.loads, f) if "coupling_cos" in row]  # measured
             curves.append(curve)
         for ax, key in zip(axes, keys):
@@ -827,13 +1085,36 @@ def plot(out_dir: str) -> str:
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    path = os.path.join(out_dir, "compare.png")
     fig.savefig(path, dpi=110)
     return path
 
 
-def summary_path(out_dir: str, run: str) -> str:
-    return os.path.join(out_dir, run, "summary.json")
+def plot_command(args: list[str]) -> str:
+    """experiments.py plot: runs' curves (RUN_DIR/curves.png for one run; --out for several),
+    or, given a comparison's directory, its arms' means (compare.png there). Returns the path."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="experiments.py plot",
+        description="A run's curves in one picture; several runs overlaid; or a comparison's.",
+    )
+    parser.add_argument("dirs", nargs="+", metavar="RUN_DIR", help="runs, or one comparison")
+    parser.add_argument("--out", help="the picture's file (.png); needed for several runs")
+
+    def one_line_error(message: str):
+        raise ValueError(message)  # main prints it on one line and returns 2
+
+    parser.error = one_line_error
+    parsed = parser.parse_args(args)
+    figure_class()  # first: without matplotlib nothing else can help
+    dirs, out = parsed.dirs, parsed.out
+    if len(dirs) == 1 and is_comparison(dirs[0]):
+        return plot_comparison(dirs[0], out or os.path.join(dirs[0], "compare.png"))
+    if len(dirs) > 1 and not out:
+        raise ValueError("give --out FILE.png to overlay several runs")
+    path = out or os.path.join(dirs[0], "curves.png")
+    plot_runs(dirs, path)
+    return path
 
 
 # ---- Controls and baselines on saved runs -------------------------------------------------------
@@ -1334,6 +1615,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 2
             print(gain(*rest))
+        elif command == "plot":
+            print(f"wrote {plot_command(rest)}")
         elif command == "between":
             if len(rest) != 2 or not all(os.path.isdir(d) for d in rest):
                 print(
@@ -1344,8 +1627,6 @@ def main(argv: list[str] | None = None) -> int:
         elif len(rest) != 1 or not os.path.isdir(rest[0]):
             print(f"experiments.py {command}: error: give one existing directory", file=sys.stderr)
             return 2
-        elif command == "plot":
-            print(f"wrote {plot(rest[0])}")
         elif command == "self-check-control":
             print(self_check_control_table(rest[0]))
         elif command == "probe-baselines":

@@ -1546,15 +1546,162 @@ def test_warm_start_is_loaded_onto_the_run_device(tmp_path, monkeypatch):
     assert seen.get("map_location") == torch.device("cpu")
 
 
-def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, capsys):
-    try:
-        import matplotlib  # noqa: F401
+# ---- pictures: experiments.py plot --------------------------------------------------------------
+PLOT_COLUMNS = {  # metrics.jsonl, iterations 1-4: each column its own values; null: no flawed move
+    "success": [0.50, 0.55, 0.60, 0.65],
+    "adv_flawed_mean": [-0.40, None, -0.30, -0.20],
+    "adv_good_mean": [0.10, 0.12, 0.14, 0.16],
+    "flawed_pos_adv_frac": [0.25, None, 0.15, 0.05],
+    "mixed_groups": [0.75, 0.5, 0.375, 0.25],
+}
+PLOT_MEASURED = ("eval_train_success", "eval_held_out_success", "coupling_cos", "hidden_cos")
+PLOT_MEASURES = {  # iteration: what its measure wrote (0: summary.json's "start")
+    0: dict(zip(PLOT_MEASURED, [0.61, 0.31, 0.91, 0.96])),
+    2: dict(zip(PLOT_MEASURED, [0.71, 0.41, 0.81, 0.86])),
+    4: dict(zip(PLOT_MEASURED, [0.81, 0.51, 0.71, 0.76])),
+}
 
-        pytest.skip("matplotlib is installed here")
-    except ImportError:
-        pass
-    assert experiments.main(["plot", str(tmp_path)]) == 2
-    assert "pip install matplotlib" in capsys.readouterr().err
+
+def plot_rows(left_out: tuple[str, ...] = ()) -> list[dict]:
+    """metrics.jsonl's rows of PLOT_COLUMNS and the measures at iterations 2 and 4, without the
+    columns `left_out`."""
+    rows = []
+    for i in range(4):
+        row = {"iter": i + 1, **{k: v[i] for k, v in PLOT_COLUMNS.items()}}
+        row.update(PLOT_MEASURES.get(i + 1, {}))
+        rows.append({k: v for k, v in row.items() if k not in left_out})
+    return rows
+
+
+def write_run(run_dir, rows, start=None, **settings):
+    """A run's files with known values: settings.json (the defaults, changed by `settings`),
+    metrics.jsonl (`rows`) and, given `start` (iteration 0's measure), summary.json."""
+    run_dir.mkdir()
+    fields = {**dataclasses.asdict(ga.Settings()), **settings}
+    (run_dir / "settings.json").write_text(json.dumps(fields))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if start is not None:
+        (run_dir / "summary.json").write_text(json.dumps({"start": start}))
+    return str(run_dir)
+
+
+def drawn_lines(fig) -> dict:
+    """{label: (panel title, x, y)} of every line a figure drew; a second y-axis' lines belong
+    to the panel it shares its place with. A panel's title is its legend's."""
+    titles = {}
+    for ax in fig.axes:
+        if ax.get_legend() is not None:
+            titles[ax.get_position().bounds] = ax.get_legend().get_title().get_text()
+    return {
+        line.get_label(): (titles[ax.get_position().bounds], line.get_xdata(), line.get_ydata())
+        for ax in fig.axes
+        for line in ax.get_lines()
+    }
+
+
+def test_plot_draws_each_column_of_a_run_in_its_panel(tmp_path):
+    """The figure's lines hold the run's columns: per iteration from metrics.jsonl, per measure
+    from summary.json's start (iteration 0) and the measure rows; null is a gap (NaN). Seen red
+    with, in turn: eval_held_out_success and coupling_cos swapped in experiments.PANELS, then
+    adv_good_mean and mixed_groups swapped (each in the other's panel), then null read as 0."""
+    pytest.importorskip("matplotlib")
+    run = write_run(tmp_path / "run", plot_rows(), PLOT_MEASURES[0], history=0, seed=3)
+    fig = experiments.plot_runs([run], str(tmp_path / "curves.png"))
+    each, measures = [1, 2, 3, 4], [0, 2, 4]
+    expected = {  # label: (panel title starts with, x, y)
+        "success (sampled)": ("Success", each, [0.50, 0.55, 0.60, 0.65]),
+        "eval_train_success": ("Success", measures, [0.61, 0.71, 0.81]),
+        "eval_held_out_success": ("Success", measures, [0.31, 0.41, 0.51]),
+        "adv_flawed_mean": ("Lemma 3.1", each, [-0.40, math.nan, -0.30, -0.20]),
+        "adv_good_mean": ("Lemma 3.1", each, [0.10, 0.12, 0.14, 0.16]),
+        "flawed_pos_adv_frac (right)": ("Lemma 3.1", each, [0.25, math.nan, 0.15, 0.05]),
+        "coupling_cos (gradients)": ("Coupling", measures, [0.91, 0.81, 0.71]),
+        "hidden_cos (hidden states)": ("Coupling", measures, [0.96, 0.86, 0.76]),
+        "mixed_groups": ("The learning signal", each, [0.75, 0.5, 0.375, 0.25]),
+    }
+    drawn = drawn_lines(fig)
+    for label, (panel, x, y) in expected.items():
+        assert label in drawn, f"no line {label!r}; lines: {sorted(drawn)}"
+        title, drawn_x, drawn_y = drawn[label]
+        assert title.startswith(panel), (label, title)
+        np.testing.assert_array_equal(drawn_x, x, err_msg=label)
+        np.testing.assert_array_equal(drawn_y, y, err_msg=label)  # NaN where NaN
+    # A per-iteration column also gets its trend: here every iteration is within 5 of the others.
+    assert list(drawn["mixed_groups, trend"][2]) == [0.46875] * 4
+    right = fig.axes[-1]  # the second y-axis, made after the four panels
+    assert right.yaxis.get_label_position() == "right"
+    assert [line.get_label() for line in right.get_lines()] == [
+        "flawed_pos_adv_frac (right)",
+        "flawed_pos_adv_frac (right), trend",
+    ]
+    assert fig.get_suptitle() == f"{run}: tiny llama (3 x 96), history 0, seed 3"
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_overlays_runs_labelled_by_their_difference_and_skips_missing_columns(
+    tmp_path, capsys, monkeypatch
+):
+    """Two runs from the command line, one without the oracle's columns and still going (no
+    summary.json): its lines are left out or start at the first measure, and nothing breaks."""
+    pytest.importorskip("matplotlib")
+    h0 = write_run(tmp_path / "h0", plot_rows(), PLOT_MEASURES[0], history=0)
+    no_oracle = plot_rows(left_out=("adv_flawed_mean", "adv_good_mean", "flawed_pos_adv_frac"))
+    h2 = write_run(tmp_path / "h2", no_oracle, history=2)
+    figures = []  # what the command drew
+    draw = experiments.plot_runs
+    monkeypatch.setattr(experiments, "plot_runs", lambda *args: figures.append(draw(*args)))
+    out = str(tmp_path / "both.png")
+    assert experiments.main(["plot", h0, h2, "--out", out]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"
+    fig = figures[0]
+    drawn = drawn_lines(fig)
+    assert "adv_flawed_mean: history 0" in drawn and "adv_flawed_mean: history 2" not in drawn
+    assert list(drawn["eval_train_success: history 2"][1]) == [2, 4]  # no iteration 0 yet
+    assert list(drawn["eval_train_success: history 0"][1]) == [0, 2, 4]
+    assert fig.get_suptitle().endswith("solid: history 0; dashed: history 2")
+
+
+def test_runs_are_labelled_by_the_settings_they_differ_in_or_by_their_directories():
+    base = {"model": "", "tiny_arch": "llama", "tiny_layers": 3, "tiny_dim": 96, "out_dir": "x"}
+    runs = [{"settings": {**base, "history": h, "out_dir": d}} for h, d in [(0, "a"), (2, "b")]]
+    assert experiments.run_labels(["a", "b"], runs) == ["history 0", "history 2"]
+    other = {**base, "history": 2, "seed": 1, "lr": 0.1, "tiny_arch": "gpt2"}  # 4 differences
+    assert experiments.run_labels(["a", "b"], [runs[0], {"settings": other}]) == ["a", "b"]
+
+
+def test_plot_refuses_what_is_not_a_run_in_one_line(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    (tmp_path / "empty").mkdir()
+    assert experiments.main(["plot", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"experiments.py plot: error: {tmp_path / 'empty'} is not a run: "
+        "a run directory holds settings.json and metrics.jsonl\n"
+    )
+    run = write_run(tmp_path / "run", plot_rows())
+    assert experiments.main(["plot", run, run]) == 2  # two runs, and where to put them?
+    assert "give --out FILE.png" in capsys.readouterr().err
+
+
+def test_plot_of_a_comparison_still_draws_its_arms(tmp_path, capsys):
+    """A comparison's directory (finished runs inside, not a run itself): compare.png, as before."""
+    pytest.importorskip("matplotlib")
+    chain = ["cls_bacc_held_out", "hidden_cos_centred", "coupling_cos", "eval_held_out_success"]
+    measured = dict.fromkeys(chain, 0.5)
+    for seed in (0, 1):
+        write_run(tmp_path / f"grpo-h0-seed{seed}", [{"iter": 1, **measured}], measured)
+    assert experiments.main(["plot", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == f"wrote {tmp_path / 'compare.png'}\n"
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    """matplotlib is for pictures only: without it, one line says what to install."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    run = write_run(tmp_path / "run", plot_rows(), PLOT_MEASURES[0])
+    assert experiments.main(["plot", run]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install matplotlib" in err
 
 
 # ---- step-level credit (GiGPO) and the inference-time self-check --------------------------------
