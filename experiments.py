@@ -1415,9 +1415,9 @@ def update_cost(
 ) -> str:
     """What one grpo_update costs: `moves` moves of `prompt_tokens`-token prompts (random ids) and
     2-token actions, one minibatch, on `model_name` (a folder; '' = a tiny Llama with a 32,000-token
-    vocabulary, built from a config). Reports the bytes autograd keeps for backward (every tensor
-    saved by the forward, each storage once, the weights left out), those with a vocabulary axis
-    and all of them, each as a multiple of one float32 (N, T, V) tensor; the seconds of an update
+    vocabulary, built from a config). Reports the bytes autograd keeps for backward in tensors
+    with a vocabulary axis (each storage once), as a multiple of one float32 (N, T, V) tensor;
+    the seconds of an update
     (median over `rounds`, lr 0 so every round is the same); ratio_dev_first; and this process's
     peak resident memory before and after the updates. `version`: another file of grpo_agentic.py
     to measure instead (e.g. e8289d7's, which scored the whole vocabulary at every position); run
@@ -1462,14 +1462,12 @@ def update_cost(
     old = [row[mask].tolist() for row, mask in zip(logp, on_action)]
     advantages = torch.linspace(-1.0, 1.0, moves) + 0.01  # every move with A != 0
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved, saved_logits = {}, {}  # storage -> bytes: everything kept, and what has a V axis
+    saved_logits = {}  # storage -> bytes, of the saved tensors with a vocabulary axis
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in weights:
-            saved[storage.data_ptr()] = storage.nbytes()
-            if tensor.dim() and tensor.shape[-1] == vocab:
-                saved_logits[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights and tensor.dim() and tensor.shape[-1] == vocab:
+            saved_logits[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GB (Linux: KiB)
@@ -1493,12 +1491,11 @@ def update_cost(
         seconds.append(time.perf_counter() - t)
     peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     full = moves * (prompt_tokens + 2) * vocab * 4  # one float32 (N, T, V) tensor
-    kept = sum(saved.values())
     kept_logits = sum(saved_logits.values())
     return (
         f"| {version or 'grpo_agentic.py'} | {model_name or 'tiny Llama, V = 32,000'} | "
-        f"{moves} x {prompt_tokens} | {kept_logits / full:.3f} | {kept / full:.3f} | "
-        f"{kept / 2**20:.0f} MiB | {statistics.median(seconds):.2f} s | "
+        f"{moves} x {prompt_tokens} | {kept_logits / full:.3f} | "
+        f"{statistics.median(seconds):.2f} s | "
         f"{stats['ratio_dev_first']:.1e} | {peak_before:.2f} -> {peak_after:.2f} GB |"
     )
 
