@@ -274,8 +274,13 @@ def action_ids_for(tokenizer, action: str, chat: bool = False) -> list[int]:
 
 
 def prompt_prefix(tokenizer) -> list[int]:
-    """The special tokens the tokenizer puts before a text: Llama's <s>, nothing for GPT-2's."""
-    return tokenizer("", add_special_tokens=True)["input_ids"]
+    """The special tokens the tokenizer puts before a text: Llama's <s>, nothing for GPT-2's.
+    Read off a word encoded with and without them, so that a token it adds *after* a text (an
+    end-of-text some tokenizers append) never lands in front of every prompt."""
+    plain = tokenizer("A", add_special_tokens=False)["input_ids"]
+    marked = tokenizer("A", add_special_tokens=True)["input_ids"]
+    starts = [k for k in range(len(marked)) if marked[k : k + len(plain)] == plain]
+    return marked[: starts[0]] if starts else []
 
 
 def encode_observations(tokenizer, observations: list[str]) -> list[list[int]]:
@@ -532,6 +537,20 @@ def generate_actions(
     asks for the last position's logits only: (N, 1, V), not (N, P, V), which matters for a
     150k-token vocabulary."""
     device = next(model.parameters()).device
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}; greedy=True takes argmax")
+    if generator is not None and generator.device.type != device.type:
+        raise ValueError(
+            f"the generator is on {generator.device}, the model on {device}: "
+            "make it with torch.Generator(device=...)"
+        )
+    positions_held = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    longest = max(len(p) for p in prompts) + max_tokens
+    if positions_held is not None and longest > positions_held:
+        raise ValueError(
+            f"a prompt and its action need {longest} positions, the model holds "
+            f"{positions_held}: shorten the history or the action budget"
+        )
     n = len(prompts)
     ids, mask, positions = left_pad(prompts, tokenizer.pad_token_id, device)  # each (N, P)
     tokens = torch.zeros(n, max_tokens, dtype=torch.long, device=device)  # (N, K)
@@ -563,7 +582,9 @@ def generate_actions(
         finished |= token == tokenizer.eos_token_id
         if finished.all():  # the one wait per token: stop as soon as every action is complete
             break
-        cache = out.cache
+        cache = getattr(out, "cache", None)
+        if cache is None:
+            raise ValueError("the model returned no cache: it must take cache= and use_cache=True")
         ids = token[:, None]  # (N, 1)
         positions = positions[:, -1:] + 1  # (N, 1)
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
@@ -597,7 +618,12 @@ def exact_format_parser(tokenizer, actions: tuple[str, ...], chat: bool = False)
     action_ids_for; 'action' + end-of-text in a chat), else None. Anything else, say
     'left \\n \\n', is off-format."""
     formats = {tuple(action_ids_for(tokenizer, a, chat)): a for a in actions}
-    return lambda ids: formats.get(tuple(ids))
+
+    def parse(ids: list[int]) -> str | None:
+        return formats.get(tuple(ids))
+
+    parse.tokens_needed = max(len(ids) for ids in formats)  # rollout checks its budget against it
+    return parse
 
 
 def rollout(
@@ -625,6 +651,15 @@ def rollout(
     assembled from ids (chat_format); else plain text. `sample` (default: generate_actions) has
     its signature (the lab's self-check wraps it). Each step's info is kept with its move, never
     trained on."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no end-of-text token: set one (moves end with it)")
+    if max_action_tokens < getattr(parse, "tokens_needed", 0):
+        raise ValueError(
+            f"max_action_tokens {max_action_tokens} is shorter than the action format "
+            f"({parse.tokens_needed} tokens with end-of-text): no move could be well-formed"
+        )
+    if len({id(env) for env in envs}) < len(envs):
+        raise ValueError("envs holds one environment several times: make one per episode")
     sample = sample or generate_actions
     fmt = prompt_format(tokenizer, chat)
     seen = encode_observations(tokenizer, [env.reset() for env in envs])  # current observation
@@ -806,6 +841,8 @@ def verdict_logits(
     log-probs; when each is one token, both are read at the one position after the query, one
     forward with the logits of that position alone."""
     fmt = prompt_format(tokenizer, chat)
+    if fmt.verdicts[BAD] == fmt.verdicts[GOOD] or tokenizer.unk_token_id in sum(fmt.verdicts, []):
+        raise ValueError("the tokenizer cannot write the verdict words: add them to its vocabulary")
     asked = [p + closed(a, fmt) + fmt.verdict_query for p, a in zip(prompts, actions)]
     pad = tokenizer.pad_token_id
     if all(len(v) == 1 for v in fmt.verdicts):
@@ -1468,12 +1505,13 @@ def run(s: Settings, out_dir: str, log=print, **extensions) -> dict:
     tokenizer.save_pretrained(os.path.join(out_dir, "policy"))
     with open(os.path.join(out_dir, "summary.json"), "w") as f:
         json.dump({**summary, "settings": dataclasses.asdict(s)}, f, indent=1)
+    start, end = summary["start"], summary["end"]
+    signal = 1 - summary["no_signal_iters_frac"]
     log(
-        f"done in {summary['wall_seconds']:.0f}s: greedy success "
-        f"train {summary['eval_train_success']:.2f}, "
-        f"held-out {summary['eval_held_out_success']:.2f}; "
-        f"{summary['no_signal_iters_frac']:.0%} of iterations had no mixed group; "
-        f"outputs in {out_dir}/"
+        f"done in {summary['wall_seconds']:.0f}s. Greedy success from the start of RL to its end: "
+        f"in-domain {start['eval_train_success']:.2f} -> {end['eval_train_success']:.2f}, "
+        f"held-out {start['eval_held_out_success']:.2f} -> {end['eval_held_out_success']:.2f}; "
+        f"{signal:.0%} of iterations had a mixed group (signal). Outputs in {out_dir}/"
     )
     return summary
 

@@ -7,12 +7,14 @@ Where a docstring says "Bug caught", the test was seen to fail with that bug put
 import copy
 import dataclasses
 import doctest
+import inspect
 import json
 import math
 import os
 import random
 import subprocess
 import sys
+import warnings
 from collections import deque
 from types import SimpleNamespace
 
@@ -2157,3 +2159,171 @@ def test_the_whole_loop_runs_in_chat_mode_on_a_chatml_model(tmp_path):
     (row,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["moves"] > 0 and math.isfinite(row["cls_loss"]) and row["cls_pairs"] > 0
     assert all(math.isfinite(summary["end"][k]) for k in MEASURED + LAB_COLUMNS[3:])
+
+
+# ---- a copier's mistakes, made loud where they enter (issue 28) ---------------------------------
+def one_update(model, tokenizer, moves, **overrides):
+    """grpo_update on sampled moves, every move with A != 0, as a copier would call it."""
+    arguments = dict(
+        model=model,
+        tokenizer=tokenizer,
+        prompts=[m.prompt_ids for m in moves],
+        actions=[m.action_ids for m in moves],
+        old_logps=[m.sample_logps for m in moves],
+        advantages=torch.linspace(-1.0, 1.0, len(moves)) + 0.01,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        rng=np.random.default_rng(0),
+        temperature=1.0,
+    )
+    return ga.grpo_update(**{**arguments, **overrides})
+
+
+def test_trap_a_temperature_mismatch_warns_and_cannot_be_forgotten(tiny):
+    """Trap 1: sampled at 0.7, scored at 1.0: the first ratio is off 1 (a warning names the
+    causes); and grpo_update has no default temperature to forget."""
+    s, model, tokenizer = tiny
+    generator = torch.Generator().manual_seed(0)
+    moves, _, _ = play(model, tokenizer, mixed_layouts()[:4], 2, 4, 0.7, generator=generator)
+    with pytest.warns(UserWarning, match="the same temperature"):
+        one_update(model, tokenizer, moves)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the matching temperature: no warning
+        assert one_update(model, tokenizer, moves, temperature=0.7)["ratio_dev_first"] < 1e-4
+    arguments = {k: v for k, v in inspect.signature(ga.grpo_update).parameters.items()}
+    assert arguments["temperature"].default is inspect.Parameter.empty
+
+
+def test_trap_half_precision_weights_warn(tiny):
+    """Trap 2: bf16 weights round small AdamW steps away and disagree with the sampler."""
+    s, model, tokenizer = tiny
+    generator = torch.Generator().manual_seed(0)
+    moves, _, _ = play(model, tokenizer, mixed_layouts()[:2], 2, 4, 1.0, generator=generator)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match="not float32"):
+        one_update(half, tokenizer, moves[:4])
+
+
+def test_trap_kl_without_reference_and_verdict_without_weight_are_refused(tiny):
+    """Traps 4 and 5: kl_coef without ref_model (kl read 0.0), cls_set without cls_coef (the
+    verdict never trained), and old log-probs that do not match the action ids."""
+    s, model, tokenizer = tiny
+    generator = torch.Generator().manual_seed(0)
+    moves, _, _ = play(model, tokenizer, mixed_layouts()[:2], 2, 4, 1.0, generator=generator)
+    with pytest.raises(ValueError, match="kl_coef > 0 needs a ref_model"):
+        one_update(model, tokenizer, moves, kl_coef=0.5)
+    labelled = (
+        [m.prompt_ids for m in moves],
+        [m.action_ids for m in moves],
+        torch.ones(len(moves)),
+    )
+    with pytest.raises(ValueError, match="cls_coef > 0 needs a cls_set"):
+        one_update(model, tokenizer, moves, cls_set=labelled)
+    with pytest.raises(ValueError, match="cls_coef > 0 needs a cls_set"):
+        one_update(model, tokenizer, moves, cls_coef=0.5)
+    with pytest.raises(ValueError, match="one log-prob per action id"):
+        one_update(model, tokenizer, moves, old_logps=[m.sample_logps[:1] for m in moves])
+
+
+def test_trap_a_tokenizer_that_cannot_write_the_verdict_words_is_refused():
+    """Trap 7: without ' good' and ' bad' both verdicts are the unknown token: loss log 2,
+    gradient 0. Refused at the verdict's door."""
+    tokenizer, model = bpe_gpt2()
+    words = ga.build_word_tokenizer()
+    vocabulary = {w: i for w, i in words.get_vocab().items() if w not in ("good", "bad")}
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocabulary, unk_token="[UNK]"))
+    core.pre_tokenizer = words.backend_tokenizer.pre_tokenizer
+    no_verdict = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
+    prompts = encode_prompts(no_verdict, [observation(LAYOUT)])
+    with pytest.raises(ValueError, match="cannot write the verdict words"):
+        ga.verdict_logits(model, no_verdict, prompts, [ga.action_ids_for(no_verdict, "up")])
+
+
+def test_trap_no_end_of_text_a_short_budget_and_one_shared_env_are_refused(tiny):
+    """Traps 8 and 9: no end-of-text id or a budget shorter than the action format (every move
+    off-format, training idle); [env] * G (one environment stepped G times per turn)."""
+    s, model, tokenizer = tiny
+    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS)
+    env = toy_env.GridWorld.from_string(LAYOUT)
+    with pytest.raises(ValueError, match="shorter than the action format"):
+        ga.rollout(model, tokenizer, [env], parse, 1, 1.0)
+    with pytest.raises(ValueError, match="one environment several times"):
+        ga.rollout(model, tokenizer, [env] * 4, parse, 4, 1.0)
+    no_end = copy.deepcopy(tokenizer)
+    no_end.eos_token = None
+    with pytest.raises(ValueError, match="no end-of-text token"):
+        ga.rollout(model, no_end, [env], parse, 4, 1.0)
+
+
+def test_trap_prompts_longer_than_the_models_positions_are_refused(tiny):
+    """Trap 11: a rotary model generates past its positions with no error."""
+    s, model, tokenizer = tiny
+    held = model.config.max_position_embeddings
+    with pytest.raises(ValueError, match="positions, the model holds"):
+        ga.generate_actions(model, tokenizer, [[5] * held], 4, 1.0, False, None)
+
+
+def test_trap_a_start_token_is_read_before_the_text_and_never_an_appended_end(monkeypatch):
+    """Trap 12: a tokenizer that appends end-of-text to every text it encodes: prompt_prefix
+    must not put it in front of every prompt; a start token it adds stays."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = ga.build_word_tokenizer()
+    eos, bos = tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("[UNK]")
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="$A [EOS]", special_tokens=[("[EOS]", eos)]
+    )
+    assert ga.prompt_prefix(tokenizer) == []
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="[UNK] $A [EOS]", special_tokens=[("[UNK]", bos), ("[EOS]", eos)]
+    )
+    assert ga.prompt_prefix(tokenizer) == [bos]
+
+
+def test_chat_prompts_carry_the_templates_start_token_once():
+    """Trap 12, chat: a template that writes a start token, with a tokenizer that adds one to
+    every text: the rendered text is encoded without special tokens, so it appears once."""
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = chatml_tokenizer()
+    start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", start)]
+    )
+    tokenizer.chat_template = "{{ '<|im_start|>' }}" + CHATML  # a start token, then ChatML
+    (prompt,) = ga.no_history_prompts(tokenizer, [observation(LAYOUT)], chat=True)
+    assert prompt[:3] == [start, start, tokenizer("system")["input_ids"][1]]  # not three starts
+    conversation = [
+        {"role": "system", "content": ga.CHAT_SYSTEM},
+        {"role": "user", "content": observation(LAYOUT)},
+    ]
+    rendered = tokenizer.apply_chat_template(
+        conversation, tokenize=False, add_generation_prompt=True
+    )
+    assert tokenizer.decode(prompt, skip_special_tokens=False) == rendered
+
+
+def test_trap_sampling_crashes_say_what_to_do(tiny):
+    """temperature 0 for greedy (was: logits are not finite); a model with no cache in its
+    output (was: AttributeError)."""
+    s, model, tokenizer = tiny
+    prompts = encode_prompts(tokenizer, [observation(LAYOUT)])
+    with pytest.raises(ValueError, match="greedy=True"):
+        ga.generate_actions(model, tokenizer, prompts, 4, 0.0, False, None)
+
+    class NoCache(torch.nn.Module):  # a model whose output carries logits alone
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+        def forward(self, **kwargs):
+            return SimpleNamespace(logits=self.inner(**kwargs).logits)
+
+    with pytest.raises(ValueError, match="returned no cache"):
+        with torch.no_grad():
+            ga.generate_actions(NoCache(model), tokenizer, prompts * 2, 4, 1.0, False, None)
