@@ -317,7 +317,7 @@ def repeat_probability(
     and p_repeat is the probability of the move at that state."""
     prompts = after_bump_prompts(tokenizer, bumps, history, chat)
     written = [ga.action_ids_for(tokenizer, a, chat) for _, a in bumps]
-    logps = ga.sequence_logprobs(model, prompts, written, tokenizer.pad_token_id)  # (S,)
+    logps = ga.sequence_logprobs(model, prompts, written, tokenizer.pad_token_id, 1.0)  # (S,)
     return logps.exp().mean().item()
 
 

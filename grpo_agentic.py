@@ -508,13 +508,32 @@ def load_policy(s: Settings, device: torch.device, log=print):
 
 # ---- CORE: rollout -- all live episodes step together, one batched forward per token ----------
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
-    """Left-pad prompts for generation: ids, attention mask and position ids, each (N, P).
-    Positions count real tokens only, so the padding is invisible to the model."""
+    """Left-pad sequences (prompts to sample from; prompt + action to score): ids, attention mask
+    and position ids, each (N, T). Positions count real tokens only, so the padding is invisible
+    to the model, and every sequence ends at the right edge."""
     width = max(len(x) for x in seqs)
     ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in seqs], device=device)  # (N, P)
     mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in seqs], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P)
     return ids, mask, positions
+
+
+def model_inputs(model, seqs: list[list[int]], pad_id: int, more_tokens: int = 0):
+    """left_pad on the model's device, after the two checks a model of one's own can fail: a pad
+    id inside its vocabulary (padding is masked, so end-of-text serves), and positions for the
+    longest sequence plus `more_tokens` (a rotary model would read past them without an error)."""
+    config = getattr(model, "config", None)
+    vocab = getattr(config, "vocab_size", None)
+    if pad_id is None or (vocab is not None and not 0 <= pad_id < vocab):
+        raise ValueError(f"pad id {pad_id} is not a token of the model: pad with end-of-text")
+    held = getattr(config, "max_position_embeddings", None)
+    longest = max(len(x) for x in seqs) + more_tokens
+    if held is not None and longest > held:
+        raise ValueError(
+            f"a prompt and its action need {longest} positions, the model holds {held}: "
+            "shorten the history or the action budget"
+        )
+    return left_pad(seqs, pad_id, next(model.parameters()).device)
 
 
 @torch.no_grad()
@@ -544,15 +563,10 @@ def generate_actions(
             f"the generator is on {generator.device}, the model on {device}: "
             "make it with torch.Generator(device=...)"
         )
-    positions_held = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    longest = max(len(p) for p in prompts) + max_tokens
-    if positions_held is not None and longest > positions_held:
-        raise ValueError(
-            f"a prompt and its action need {longest} positions, the model holds "
-            f"{positions_held}: shorten the history or the action budget"
-        )
+    if model.training:
+        warnings.warn("the model samples in train mode: dropout adds noise; call model.eval()")
     n = len(prompts)
-    ids, mask, positions = left_pad(prompts, tokenizer.pad_token_id, device)  # each (N, P)
+    ids, mask, positions = model_inputs(model, prompts, tokenizer.pad_token_id, max_tokens)
     tokens = torch.zeros(n, max_tokens, dtype=torch.long, device=device)  # (N, K)
     token_logps = torch.zeros(n, max_tokens, device=device)  # (N, K)
     written = torch.zeros(n, max_tokens, dtype=torch.bool, device=device)  # (N, K) part of action
@@ -584,7 +598,10 @@ def generate_actions(
             break
         cache = getattr(out, "cache", None)
         if cache is None:
-            raise ValueError("the model returned no cache: it must take cache= and use_cache=True")
+            raise ValueError(
+                "the model returned no cache: transformers >= 5 takes cache= and returns "
+                "out.cache (4.x: past_key_values)"
+            )
         ids = token[:, None]  # (N, 1)
         positions = positions[:, -1:] + 1  # (N, 1)
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
@@ -751,7 +768,8 @@ def action_token_logprobs(
     """
     device = next(model.parameters()).device
     k = max(len(a) for a in actions)
-    ids, attention, positions = left_pad([p + a for p, a in zip(prompts, actions)], pad_id, device)
+    sequences = [p + a for p, a in zip(prompts, actions)]
+    ids, attention, positions = model_inputs(model, sequences, pad_id)  # (N, T) each
     out = model(
         input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=k + 1
     )
@@ -763,10 +781,10 @@ def action_token_logprobs(
 
 
 def sequence_logprobs(
-    model, prompts: list[list[int]], actions: list[list[int]], pad_id: int, temperature: float = 1.0
+    model, prompts: list[list[int]], actions: list[list[int]], pad_id: int, temperature: float
 ) -> torch.Tensor:
     """log pi(action | prompt) of each pair: the sum over the action's tokens, (N,). The probes
-    and the verdict score the policy itself, at temperature 1 (the rollouts' default)."""
+    and the verdict score the policy itself: temperature 1."""
     logp, _ = action_token_logprobs(model, prompts, actions, pad_id, temperature)  # (N, K)
     return logp.sum(dim=1)
 
@@ -846,13 +864,13 @@ def verdict_logits(
     asked = [p + closed(a, fmt) + fmt.verdict_query for p, a in zip(prompts, actions)]
     pad = tokenizer.pad_token_id
     if all(len(v) == 1 for v in fmt.verdicts):
-        ids, attention, positions = left_pad(asked, pad, next(model.parameters()).device)
+        ids, attention, positions = model_inputs(model, asked, pad)  # (N, T) each
         out = model(
             input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=1
         )
         last = out.logits[:, -1].float()  # (N, V) after the query
         return torch.log_softmax(last, dim=-1)[:, [v[0] for v in fmt.verdicts]]  # (N, 2)
-    scores = [sequence_logprobs(model, asked, [v] * len(asked), pad) for v in fmt.verdicts]
+    scores = [sequence_logprobs(model, asked, [v] * len(asked), pad, 1.0) for v in fmt.verdicts]
     return torch.stack(scores, dim=1)  # (N, 2)
 
 
@@ -958,7 +976,8 @@ def grpo_update(
     one AdamW step per minibatch, gradient norm clipped at 1. With `cls_set` = (prompts, actions,
     labels) and cls_coef > 0, each step also takes its share of the classification pairs:
     L = L_pg + kl_coef * KL + cls_coef * L_cls (`chat`: the verdict is asked in the chat format).
-    `rng` orders the minibatches; `tokenizer` gives the pad id. The defaults are those of Settings.
+    `rng` orders the minibatches; `tokenizer` gives the pad id and the verdict's words. The
+    defaults are those of Settings.
 
     The first minibatch is scored by the very weights that sampled, so its ratio is 1 up to float
     error (ratio_dev_first); a deviation over RATIO_TOLERANCE warns, naming the usual causes."""
@@ -970,6 +989,13 @@ def grpo_update(
         raise ValueError("cls_coef > 0 needs a cls_set, and a cls_set needs cls_coef > 0")
     if [len(lp) for lp in old_logps] != [len(a) for a in actions]:
         raise ValueError("old_logps must hold one log-prob per action id of each move, as sampled")
+    if not torch.is_tensor(advantages) or advantages.shape != (len(actions),):
+        raise ValueError("advantages: one per move, (N,); see move_advantages")
+    if ref_model is model:
+        raise ValueError("ref_model is the policy itself: pass copy.deepcopy(model).eval()")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if any(id(p) not in held for p in model.parameters() if p.requires_grad):
+        raise ValueError("the optimizer does not hold the model's trainable parameters")
     if any(p.dtype != torch.float32 for p in model.parameters() if p.requires_grad):
         warnings.warn(
             "the model's weights are not float32: small AdamW steps round away in bf16/fp16, "
@@ -1067,7 +1093,7 @@ def action_logprobs(
     """log pi(action | observation) of whole actions in the one action format, no history, (N,)."""
     prompts = no_history_prompts(tokenizer, observations, chat)
     action_ids = [action_ids_for(tokenizer, a, chat) for a in actions]
-    return sequence_logprobs(model, prompts, action_ids, tokenizer.pad_token_id)
+    return sequence_logprobs(model, prompts, action_ids, tokenizer.pad_token_id, 1.0)
 
 
 def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], chat: bool = False) -> dict:
@@ -1111,7 +1137,7 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], chat: bo
             prompts = no_history_prompts(tokenizer, observations, chat)
             move = action_ids_for(tokenizer, action, chat)
             both = [p + move for p in prompts]
-            ids, attention, positions = left_pad(both, tokenizer.pad_token_id, logps.device)
+            ids, attention, positions = model_inputs(model, both, tokenizer.pad_token_id)
             out = model(
                 input_ids=ids,
                 attention_mask=attention,

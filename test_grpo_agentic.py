@@ -409,10 +409,8 @@ def test_action_only_scoring_equals_the_full_vocabulary_computation(tiny, temper
     for i, tokens in enumerate(expected):
         assert np.allclose(logp[i][on_action[i]].tolist(), tokens, atol=1e-5)
         assert (logp[i][~on_action[i]] == 0).all()
-    batched = ga.sequence_logprobs(model, prompts, actions, pad_id=eos)
-    one_by_one = [
-        ga.sequence_logprobs(model, [p], [a], pad_id=eos) for p, a in zip(prompts, actions)
-    ]
+    batched = ga.sequence_logprobs(model, prompts, actions, eos, 1.0)
+    one_by_one = [ga.sequence_logprobs(model, [p], [a], eos, 1.0) for p, a in zip(prompts, actions)]
     assert torch.allclose(batched, torch.cat(one_by_one), atol=1e-5)
 
 
@@ -566,7 +564,7 @@ class ScriptedLM(torch.nn.Module):
             logits = logits.masked_fill(~chosen, -math.inf)
         if self.fill is not None:
             logits = torch.full_like(logits, self.fill)
-        return SimpleNamespace(logits=logits, cache=None, hidden_states=(logits,))
+        return SimpleNamespace(logits=logits, cache=(), hidden_states=(logits,))  # stateless
 
 
 def test_off_format_action_moves_nothing_and_the_probes_agree(tiny):
@@ -674,7 +672,7 @@ def test_one_update_raises_logp_of_a_positive_advantage_move_and_lowers_a_negati
 
     def logps():
         with torch.no_grad():
-            return ga.sequence_logprobs(model, prompts[:2], actions[:2], 0)
+            return ga.sequence_logprobs(model, prompts[:2], actions[:2], 0, 1.0)
 
     before = logps()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -1817,7 +1815,7 @@ def test_verdict_read_in_one_forward_equals_the_summed_log_probs_of_each_verdict
     expected = []
     for word in ga.VERDICTS:
         ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-        expected.append(ga.sequence_logprobs(model, asked, [ids] * 3, tokenizer.pad_token_id))
+        expected.append(ga.sequence_logprobs(model, asked, [ids] * 3, tokenizer.pad_token_id, 1.0))
     expected = torch.stack(expected, dim=1)  # (3, 2)
     assert torch.allclose(
         ga.verdict_logits(model, tokenizer, prompts, actions), expected, atol=1e-5
@@ -2110,7 +2108,7 @@ def test_a_sampled_chat_move_stands_verbatim_in_the_next_prompt():
     envs = [toy_env.GridWorld.from_string(x) for x in toy_env.sample_layouts("train", 4, 0)]
     parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS, chat=True)
     generator = torch.Generator().manual_seed(0)
-    moves, _ = ga.rollout(model, tokenizer, envs, parse, 3, 1.0, False, generator, 1, chat=True)
+    moves, _ = ga.rollout(model, tokenizer, envs, parse, 4, 1.0, False, generator, 1, chat=True)
     checked = 0
     for k, m in enumerate(moves):
         after = [n for n in moves[k + 1 :] if n.episode == m.episode]
@@ -2327,3 +2325,32 @@ def test_trap_sampling_crashes_say_what_to_do(tiny):
     with pytest.raises(ValueError, match="returned no cache"):
         with torch.no_grad():
             ga.generate_actions(NoCache(model), tokenizer, prompts * 2, 4, 1.0, False, None)
+
+
+def test_trap_per_episode_advantages_a_policy_as_its_own_reference_and_a_stale_optimizer(tiny):
+    """Found by a copier's review: advantages per episode (B*G) instead of per move (only the first
+    B*G moves trained, with other episodes' A); ref_model=model (KL 0.0 forever); an optimizer
+    made before the trainable parameters (a head added later never moves)."""
+    s, model, tokenizer = tiny
+    generator = torch.Generator().manual_seed(0)
+    moves, rewards, _ = play(model, tokenizer, mixed_layouts()[:2], 4, 4, 1.0, generator=generator)
+    per_episode = ga.grpo_advantages(rewards).flatten()  # (B*G,), not (N,)
+    assert len(moves) > len(per_episode)
+    with pytest.raises(ValueError, match="one per move"):
+        one_update(model, tokenizer, moves, advantages=per_episode)
+    with pytest.raises(ValueError, match="the policy itself"):
+        one_update(model, tokenizer, moves, ref_model=model, kl_coef=0.1)
+    policy = copy.deepcopy(model)
+    stale = torch.optim.SGD(list(policy.parameters())[:1], lr=0.1)
+    with pytest.raises(ValueError, match="does not hold the model's trainable parameters"):
+        one_update(policy, tokenizer, moves, optimizer=stale)
+
+
+def test_trap_a_pad_id_outside_the_vocabulary_is_refused(tiny):
+    """Found by a copier's review: a tokenizer without a pad token (None) or a pad token added
+    without resizing the embeddings crashes deep in torch; now one line says to pad with eos."""
+    s, model, tokenizer = tiny
+    prompts = encode_prompts(tokenizer, [observation(x) for x in mixed_layouts()[:2]])
+    for pad in (None, model.config.vocab_size):
+        with pytest.raises(ValueError, match="pad with end-of-text"):
+            ga.sequence_logprobs(model, prompts, [[1], [2]], pad, 1.0)
