@@ -750,6 +750,8 @@ def learning_rate(it: int, peak: float, warmup: int, total: int) -> float:
     >>> [round(learning_rate(it, 1.0, warmup=2, total=6), 3) for it in range(1, 7)]
     [0.5, 1.0, 0.8, 0.6, 0.4, 0.2]
     """
+    if not 1 <= it <= total:  # it = 0 would be a step of rate 0; past total the rate is negative
+        raise ValueError(f"iteration {it} is outside 1..{total}: iterations are 1-based, 1..total")
     rising = it / warmup if warmup else 1.0
     falling = (total + 1 - it) / max(1, total + 1 - warmup)
     return peak * min(1.0, rising, falling)

@@ -1749,3 +1749,16 @@ def test_smollm2_from_its_gguf_samples_exactly_what_the_loss_scores():
         np.random.default_rng(0),
     )
     assert stats["update_moves"] == len(moves) and stats["ratio_dev_first"] < 1e-4, stats
+
+
+# ---- issue 28: no silent traps for a copier ---------------------------------------------------
+# Each test makes one mistake a copier of a CORE function makes on purpose, and asserts that it
+# is loud (an error that says the fix, or a warning) instead of a wrong number or a no-op.
+
+
+@pytest.mark.parametrize("it", [0, 11])
+def test_learning_rate_refuses_an_iteration_outside_1_to_total(it):
+    """Trap 3: a 0-based loop gives learning_rate(0, ...) = 0, a step that does nothing, and an
+    iteration past `total` a negative rate (an ascent)."""
+    with pytest.raises(ValueError, match="1-based"):
+        ga.learning_rate(it, 1e-3, warmup=2, total=10)
