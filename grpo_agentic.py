@@ -630,6 +630,17 @@ def grpo_loss(
     positions are left out before any exp, so an untrained position can never overflow into NaN.
     Returns (L, info): info["pg_loss"] is L_pg alone, info["ratio_dev"] = max_t |ratio_t - 1|
     (0 when the sampler and the scorer agree)."""
+    # Constants, or the ratio is 1 through the graph and the surrogate's gradient about 0:
+    if old_logp.requires_grad or (ref_logp is not None and ref_logp.requires_grad):
+        raise ValueError("old_logp and ref_logp: compute them under torch.no_grad() or .detach()")
+    if old_logp.shape != logp.shape or advantages.shape != logp.shape[:1]:
+        raise ValueError(
+            f"old_logp {tuple(old_logp.shape)} must be logp's (N, T) = {tuple(logp.shape)} "
+            f"and advantages {tuple(advantages.shape)} must be (N,): one advantage per move"
+        )
+    if kl_coef > 0 and ref_logp is None:  # the KL would read 0.0: "no drift"
+        raise ValueError("kl_coef > 0 needs ref_logp: pass the reference policy's log-probs")
+    advantages = advantages.to(logp.device)  # (N,) wherever they were computed
     on_action = action_mask.bool()  # (N, T)
     n_tok = on_action.sum().clamp(min=1)
     adv = advantages[:, None].expand_as(logp)[on_action]  # (n_tok,) each token its move's A

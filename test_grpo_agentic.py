@@ -1762,3 +1762,37 @@ def test_learning_rate_refuses_an_iteration_outside_1_to_total(it):
     iteration past `total` a negative rate (an ascent)."""
     with pytest.raises(ValueError, match="1-based"):
         ga.learning_rate(it, 1e-3, warmup=2, total=10)
+
+
+def test_grpo_loss_refuses_old_logprobs_that_carry_a_gradient():
+    """Trap 6: old (or reference) log-probs recomputed outside torch.no_grad(): the ratio
+    exp(logp - old) is exactly 1 through the graph and the surrogate's gradient is about 0."""
+    logp = torch.tensor([[0.0, -0.5, -1.0]], requires_grad=True)
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match=r"torch.no_grad\(\) or .detach\(\)"):
+        ga.grpo_loss(logp, logp + 0.0, torch.tensor([1.0]), mask, 0.2)
+    with pytest.raises(ValueError, match=r"torch.no_grad\(\) or .detach\(\)"):
+        ga.grpo_loss(logp, logp.detach(), torch.tensor([1.0]), mask, 0.2, logp + 0.0, 0.1)
+
+
+def test_grpo_loss_refuses_a_kl_coefficient_without_reference_log_probs():
+    """Trap 4 at the loss level: kl_coef > 0 with ref_logp None read KL 0.0, "no drift"."""
+    logp = torch.tensor([[0.0, -0.5, -1.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match="kl_coef > 0 needs ref_logp"):
+        ga.grpo_loss(logp, logp, torch.tensor([1.0]), mask, 0.2, kl_coef=0.1)
+
+
+@pytest.mark.parametrize(
+    "old_shape, advantages_shape", [((2, 2), (2,)), ((2, 3), (2, 1)), ((2, 3), (1,))]
+)
+def test_grpo_loss_names_both_shapes_when_old_log_probs_or_advantages_do_not_fit(
+    old_shape, advantages_shape
+):
+    """Old log-probs not (N, T) like logp, or advantages not (N,) (say (N, 1), or one per
+    group): today an IndexError or a broadcast error from deep inside the loss."""
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    old, advantages = torch.zeros(old_shape), torch.ones(advantages_shape)
+    with pytest.raises(ValueError, match=r"must be logp's \(N, T\) = \(2, 3\)"):
+        ga.grpo_loss(logp, old, advantages, mask, 0.2)
