@@ -541,7 +541,16 @@ def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float
     >>> grpo_advantages(torch.tensor([[1., 0., 0., 1.], [1., 1., 1., 1.]]))
     tensor([[ 1.0000, -1.0000, -1.0000,  1.0000],
             [ 0.0000,  0.0000,  0.0000,  0.0000]])
+
+    A 1-D tensor is refused rather than read as one group: rollout returns (B*G,) rewards, and
+    one baseline across all tasks is the silent result of a forgotten .view(B, G).
     """
+    if rewards.dim() != 2:
+        raise ValueError(
+            f"rewards must be (num_groups, G), got {tuple(rewards.shape)}: "
+            "use rewards.view(B, G), or rewards[None] for one group"
+        )
+    rewards = rewards if rewards.is_floating_point() else rewards.float()  # 0/1 counts, bools
     mean = rewards.mean(dim=1, keepdim=True)  # (num_groups, 1)
     std = rewards.std(dim=1, keepdim=True, unbiased=False)  # (num_groups, 1)
     if scale_by_std:
@@ -566,6 +575,11 @@ def move_advantages(rewards: torch.Tensor, episodes: list[int], scale_by_std: bo
     >>> move_advantages(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), [0, 1, 0, 2, 3])
     tensor([ 1.0000, -1.0000,  1.0000,  0.0000,  0.0000])
     """
+    if set(map(int, episodes)) != set(range(rewards.numel())):  # rollout plays each at least once
+        raise ValueError(
+            f"episode ids must be 0..{rewards.numel() - 1}, each with a move: call rollout once "
+            "on all B*G envs in group-major order (one call per group restarts the ids at 0)"
+        )
     episode_adv = grpo_advantages(rewards, scale_by_std).flatten()  # (B*G,)
     return episode_adv[episodes]  # (N,) each move inherits its episode's
 

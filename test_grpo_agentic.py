@@ -1796,3 +1796,26 @@ def test_grpo_loss_names_both_shapes_when_old_log_probs_or_advantages_do_not_fit
     old, advantages = torch.zeros(old_shape), torch.ones(advantages_shape)
     with pytest.raises(ValueError, match=r"must be logp's \(N, T\) = \(2, 3\)"):
         ga.grpo_loss(logp, old, advantages, mask, 0.2)
+
+
+def test_grpo_advantages_take_integer_rewards_and_refuse_a_flat_vector():
+    """Crashes that do not say what to do: integer rewards ('could not infer output dtype') are
+    now cast to float; a 1-D vector (rollout's (B*G,) rewards without .view(B, G)) gave an
+    IndexError and is refused with the reshape to use."""
+    counts = torch.tensor([[1, 0, 0, 1], [1, 1, 1, 1]])
+    as_floats = ga.grpo_advantages(counts.float())
+    assert torch.equal(ga.grpo_advantages(counts), as_floats)
+    assert torch.equal(ga.grpo_advantages(counts.bool()), as_floats)
+    with pytest.raises(ValueError, match=r"use rewards.view\(B, G\), or rewards\[None\]"):
+        ga.grpo_advantages(counts.float().flatten())
+
+
+def test_move_advantages_refuse_episode_ids_of_rollouts_made_one_group_at_a_time():
+    """Trap 9: rollout called once per group and the moves concatenated: the episode ids restart
+    at 0, so every group's moves take group 0's advantages, and episodes G.. have no move."""
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (B, G) = (2, 2)
+    first_group, second_group = [0, 1, 0], [0, 1, 1]  # each rollout numbers its episodes 0, 1
+    with pytest.raises(ValueError, match="call rollout once on all B\\*G envs in group-major"):
+        ga.move_advantages(rewards, first_group + second_group)
+    with pytest.raises(ValueError, match="episode ids must be 0..3"):
+        ga.move_advantages(rewards, [0, 1, 2, 3, 4])  # an id past B*G: an IndexError today
