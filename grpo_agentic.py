@@ -739,7 +739,11 @@ def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     >>> round(balanced_cross_entropy(logits, torch.tensor([1, 1, 0])).item(), 4)
     1.41
     """
-    target = labels.to(logits.device)  # (N,)
+    if len(labels) == 0:  # the loss would be NaN (0 / 0)
+        raise ValueError("no labelled pairs: skip the classification loss when there are none")
+    if not ((labels == 0) | (labels == 1)).all():
+        raise ValueError(f"labels must be 0 (bad) or 1 (good), got {labels.unique().tolist()}")
+    target = labels.to(logits.device).long()  # (N,) class ids, also from 0./1. or bools
     count = torch.bincount(target, minlength=2).float()  # (2,)
     weight = torch.where(count > 0, 1 / count.clamp(min=1), 0.0)  # (2,)
     return F.cross_entropy(logits, target, weight=weight)
@@ -886,7 +890,7 @@ def squeezing_step(probs: torch.Tensor, action: int, advantage: float, lr: float
     from 0.50 to 0.60 (it is the most likely); yet bad mass falls 0.80 -> 0.79 and good action 2
     gains 0.20 -> 0.21.
     """
-    onehot = F.one_hot(torch.tensor(action), len(probs)).float()
+    onehot = F.one_hot(torch.tensor(action, device=probs.device), len(probs)).to(probs.dtype)
     z = torch.log(probs) + lr * advantage * (onehot - probs)
     return torch.softmax(z, dim=0)
 
@@ -966,6 +970,7 @@ def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     >>> balanced_accuracy(torch.tensor([1, 1, 1, 0]), torch.tensor([1, 1, 0, 0]))
     0.75
     """
+    labels = labels.to(predicted.device)  # (N,) beside the predictions, wherever they are
     recalls = [(predicted[labels == c] == c).float().mean().item() for c in labels.unique()]
     return float(np.mean(recalls))
 

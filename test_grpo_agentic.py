@@ -1819,3 +1819,37 @@ def test_move_advantages_refuse_episode_ids_of_rollouts_made_one_group_at_a_time
         ga.move_advantages(rewards, first_group + second_group)
     with pytest.raises(ValueError, match="episode ids must be 0..3"):
         ga.move_advantages(rewards, [0, 1, 2, 3, 4])  # an id past B*G: an IndexError today
+
+
+def test_balanced_cross_entropy_takes_float_labels_and_refuses_no_labels_or_other_values():
+    """Crashes that do not say what to do, and a silent NaN: float or bool 0/1 labels ("bincount
+    not implemented for 'Float'") are class ids; no labelled pair at all gave a NaN loss (0 / 0)
+    and a label other than 0 or 1 a weight-size error."""
+    logits, labels = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 2.0]]), torch.tensor([1, 1, 0])
+    expected = ga.balanced_cross_entropy(logits, labels)
+    assert torch.equal(ga.balanced_cross_entropy(logits, labels.float()), expected)
+    assert torch.equal(ga.balanced_cross_entropy(logits, labels.bool()), expected)
+    with pytest.raises(ValueError, match="no labelled pairs: skip the classification loss"):
+        ga.balanced_cross_entropy(logits[:0], labels[:0])
+    with pytest.raises(ValueError, match=r"labels must be 0 \(bad\) or 1 \(good\)"):
+        ga.balanced_cross_entropy(logits, torch.tensor([1, 2, 0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_core_functions_follow_the_device_of_their_main_tensor():
+    """Tensors made on the CPU beside CUDA ones ("Expected all tensors to be on the same
+    device"): advantages beside CUDA log-probs in grpo_loss, labels beside CUDA predictions in
+    balanced_accuracy, squeezing_step's one-hot beside CUDA probabilities, and CPU labels beside
+    CUDA logits in balanced_cross_entropy."""
+    cuda = torch.device("cuda")
+    logp = torch.tensor([[0.0, 0.5, -0.5]], device=cuda)
+    mask = torch.tensor([[0.0, 1.0, 1.0]], device=cuda)
+    loss, _ = ga.grpo_loss(logp, torch.zeros_like(logp), torch.tensor([1.0]), mask, 0.2)
+    assert loss.device.type == "cuda"
+    predicted = torch.tensor([1, 0, 0, 0], device=cuda)
+    assert ga.balanced_accuracy(predicted, torch.tensor([1, 1, 0, 0])) == 0.75
+    probs = torch.tensor([0.3, 0.5, 0.2], device=cuda)
+    new = ga.squeezing_step(probs, action=0, advantage=-1.0, lr=0.5)
+    assert torch.allclose(new.cpu(), torch.tensor([0.1968, 0.5975, 0.2057]), atol=1e-4)
+    logits = torch.zeros(2, 2, device=cuda)
+    assert ga.balanced_cross_entropy(logits, torch.tensor([0, 1])).device.type == "cuda"
