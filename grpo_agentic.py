@@ -918,9 +918,14 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
                      _move: at the move's last token (where a verdict is read); _centred:
                      after subtracting the probe's mean state, a component every grid shares.
     A pair with a zero gradient has no cosine (and, if it is g_good's, no ratio): left out.
+    One pair has no hidden_cos_centred (NaN): centred on the mean of its own two states, the
+    twins are each other's negative, a cosine of -1 by construction. Dot products and cosines
+    are taken in float32 (in bfloat16, twins 0.999 alike read exactly 1.0).
 
     Uses torch.autograd.grad (never .grad) and changes no weight: model, gradients and optimiser
     are left as they were; so is the train/eval mode."""
+    if not pairs:
+        raise ValueError("coupling_probe needs at least one (obs_good, obs_flawed, action) pair")
     was_training = model.training
     model.eval()  # no dropout noise in the probe
     params = [p for p in model.parameters() if p.requires_grad]
@@ -929,8 +934,8 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
         logps = action_logprobs(model, tokenizer, [obs_good, obs_flawed], [action, action])  # (2,)
         g_good = torch.cat(
             [g.flatten() for g in torch.autograd.grad(logps[0], params, retain_graph=True)]
-        )
-        g_flawed = torch.cat([g.flatten() for g in torch.autograd.grad(logps[1], params)])
+        ).float()
+        g_flawed = torch.cat([g.flatten() for g in torch.autograd.grad(logps[1], params)]).float()
         good_sq = (g_good @ g_good).item()
         flawed_sq = (g_flawed @ g_flawed).item()
         dot = (g_good @ g_flawed).item()
@@ -943,7 +948,7 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
             twice = [action_ids_for(tokenizer, action)] * 2
             ids, attention, _ = build_batch(prompts, twice, tokenizer.pad_token_id, logps.device)
             out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
-            hidden = out.hidden_states[-1]  # (2, T, d)
+            hidden = out.hidden_states[-1].float()  # (2, T, d)
         states.append(hidden[[0, 1], [len(p) - 1 for p in prompts]])  # (2, d) a is predicted here
         moves.append(hidden[[0, 1], attention.sum(1) - 1])  # (2, d) a's last token
     model.train(was_training)
@@ -959,7 +964,7 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]]) -> dict:
         "coupling_ratio": float(np.median(ratios)) if ratios else math.nan,
         "hidden_cos": twin_cosine(states),
         "hidden_cos_move": twin_cosine(moves),
-        "hidden_cos_centred": twin_cosine(centred),
+        "hidden_cos_centred": twin_cosine(centred) if len(pairs) > 1 else math.nan,
     }
 
 

@@ -1853,3 +1853,26 @@ def test_core_functions_follow_the_device_of_their_main_tensor():
     assert torch.allclose(new.cpu(), torch.tensor([0.1968, 0.5975, 0.2057]), atol=1e-4)
     logits = torch.zeros(2, 2, device=cuda)
     assert ga.balanced_cross_entropy(logits, torch.tensor([0, 1])).device.type == "cuda"
+
+
+def test_coupling_probe_of_one_pair_has_no_centred_cosine_and_of_none_says_so(tiny):
+    """Trap 10: on one pair, hidden_cos_centred is -1.0 by construction (two states centred on
+    their own mean are each other's negative); it is NaN instead. No pair at all: a clear error
+    instead of torch.stack's."""
+    s, model, tokenizer = tiny
+    probe = ga.coupling_probe(model, tokenizer, observation_pairs(1))
+    assert math.isnan(probe["hidden_cos_centred"]) and math.isfinite(probe["coupling_ratio"])
+    with pytest.raises(ValueError, match="at least one"):
+        ga.coupling_probe(model, tokenizer, [])
+
+
+def test_coupling_probe_of_a_bfloat16_model_measures_in_float32(tiny):
+    """Trap 2: dot products and cosines of a bfloat16 model taken in bfloat16, whose steps near 1
+    are 2**-8: twins 0.9988 alike read hidden_cos_move 1.0 (measured). Upcast, the bfloat16
+    model reads what its float32 original does within 1e-4 (measured); the bar is 1e-3."""
+    s, model, tokenizer = tiny
+    pairs = observation_pairs(3)
+    exact = ga.coupling_probe(model, tokenizer, pairs)
+    half = ga.coupling_probe(copy.deepcopy(model).to(torch.bfloat16), tokenizer, pairs)
+    for key in ("hidden_cos", "hidden_cos_move"):
+        assert exact[key] < 0.9995 and abs(half[key] - exact[key]) < 1e-3, (key, half, exact)
