@@ -200,7 +200,7 @@ def build_word_tokenizer():
     )
 
 
-def build_tiny_model(tokenizer, layers: int, dim: int, positions: int, arch: str = "gpt2"):
+def build_tiny_model(tokenizer, layers: int, dim: int, positions: int, arch: str):
     """A small causal LM from a config (random init). At the defaults, 3 layers x 96 wide:
     0.34 M parameters for GPT-2 (with 64 learned positions), 0.33 M for Llama.
 
@@ -208,7 +208,10 @@ def build_tiny_model(tokenizer, layers: int, dim: int, positions: int, arch: str
     positions, RMSNorm, a SwiGLU MLP 8/3 x wide (the same parameter count), as Llama and Qwen are.
     `positions`: the longest sequence it must read (GPT-2's positions are learned, and a longer
     input fails with an index error); never fewer than 64, so that every run that needs fewer draws
-    the same initial weights (GPT-2's position table is drawn from the same random stream)."""
+    the same initial weights (GPT-2's position table is drawn from the same random stream).
+    `arch` has no default: a default could differ from the run's (--tiny-arch llama)."""
+    if arch not in ("gpt2", "llama"):
+        raise ValueError(f"arch must be 'gpt2' or 'llama', got {arch!r}")
     special = dict(
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,

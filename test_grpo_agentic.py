@@ -1876,3 +1876,13 @@ def test_coupling_probe_of_a_bfloat16_model_measures_in_float32(tiny):
     half = ga.coupling_probe(copy.deepcopy(model).to(torch.bfloat16), tokenizer, pairs)
     for key in ("hidden_cos", "hidden_cos_move"):
         assert exact[key] < 0.9995 and abs(half[key] - exact[key]) < 1e-3, (key, half, exact)
+
+
+def test_build_tiny_model_has_no_default_architecture_to_be_wrong():
+    """Trap 13: build_tiny_model(tokenizer, ...) without `arch` built a GPT-2 while the run
+    defaults to the Llama; an unknown name ('Llama') built a GPT-2 too."""
+    tokenizer = ga.build_word_tokenizer()
+    with pytest.raises(TypeError, match="arch"):
+        ga.build_tiny_model(tokenizer, 1, 32, 64)
+    with pytest.raises(ValueError, match="arch must be 'gpt2' or 'llama'"):
+        ga.build_tiny_model(tokenizer, 1, 32, 64, "Llama")
