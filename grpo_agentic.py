@@ -1142,14 +1142,17 @@ def measure(model, tokenizer, s: Settings, it: int, probes=(), log=print) -> dic
 def rollout_stats(moves: list[Move], rewards: torch.Tensor, move_adv: torch.Tensor) -> dict:
     """What one iteration's rollouts look like, for the log. The oracle's labels (info["good"])
     show Lemma 3.1 at work: the mean advantage of flawed moves, and how many get A > 0 all the
-    same; cls_label_noise is how often the sign of A mislabels a move (diagnostics only)."""
-    good = torch.tensor([m.info["good"] for m in moves])  # (N,)
-    label_wrong = [(a > 0) != m.info["good"] for m, a in zip(moves, move_adv.tolist()) if a != 0]
-    return {
+    same; cls_label_noise is how often the sign of A mislabels a move (diagnostics only). An
+    environment whose info has no "good" leaves these oracle columns NaN."""
+    labelled = all("good" in m.info for m in moves)
+    labels = [bool(m.info.get("good")) for m in moves]  # the oracle's, False where absent
+    good = torch.tensor(labels)  # (N,)
+    label_wrong = [(a > 0) != g for g, a in zip(labels, move_adv.tolist()) if a != 0]
+    stats = {
         "success": rewards.mean().item(),
         "moves": len(moves),
         "valid_frac": float(np.mean([m.action is not None for m in moves])),
-        "good_frac": float(np.mean([m.info["good"] for m in moves])),
+        "good_frac": float(np.mean(labels)),
         "mixed_groups": (rewards.std(dim=1) > 0).float().mean().item(),
         "adv_abs_mean": move_adv.abs().mean().item(),
         "flawed_frac": (~good).float().mean().item(),
@@ -1158,21 +1161,31 @@ def rollout_stats(moves: list[Move], rewards: torch.Tensor, move_adv: torch.Tens
         "flawed_pos_adv_frac": (move_adv[~good] > 0).float().mean().item(),
         "cls_label_noise": float(np.mean(label_wrong)) if label_wrong else math.nan,
     }
+    if labelled:
+        return stats
+    oracle = ["good_frac", "flawed_frac", "adv_flawed_mean", "adv_good_mean"]
+    oracle += ["flawed_pos_adv_frac", "cls_label_noise"]  # what needs info["good"]
+    return {k: math.nan if k in oracle else v for k, v in stats.items()}
 
 
 def log_line(row: dict, iters: int) -> str:
-    """The fixed-format line printed for each iteration."""
+    """The fixed-format line printed for each iteration; a value that does not exist (NaN) is
+    '-', and an update that trained nothing (every advantage 0, no classification) says so."""
+
+    def show(key: str, spec: str) -> str:
+        return "-" if math.isnan(row[key]) else format(row[key], spec)
+
     parts = [
         f"it {row['iter']:3d}/{iters}",
         f"succ {row['success']:.2f}",
         f"valid {row['valid_frac']:.2f}",
-        f"good {row['good_frac']:.2f}",
+        f"good {show('good_frac', '.2f')}",
         f"mixed {row['mixed_groups']:.2f}",
         f"lr {row['lr']:.1e}",
-        f"loss {row['loss']:+.4f}",
-        f"clip {row['clip_frac']:.2f}",
-        f"A flawed {row['adv_flawed_mean']:+.2f} good {row['adv_good_mean']:+.2f}"
-        f" (flawed A>0 {row['flawed_pos_adv_frac']:.2f})",
+        "loss - (no signal)" if math.isnan(row["loss"]) else f"loss {row['loss']:+.4f}",
+        f"clip {show('clip_frac', '.2f')}",
+        f"A flawed {show('adv_flawed_mean', '+.2f')} good {show('adv_good_mean', '+.2f')}"
+        f" (flawed A>0 {show('flawed_pos_adv_frac', '.2f')})",
     ]
     if not math.isnan(row["cls_loss"]):
         parts.append(f"cls {row['cls_loss']:.3f}")
@@ -1282,13 +1295,17 @@ def train(
             metrics_file.write(json.dumps(without_nan) + "\n")
             log(log_line(row, s.iters))
             if s.render_every and it % s.render_every == 0:
-                steps = [
-                    f"{m.text!r}{'+' if m.info['good'] else '-'}" for m in moves if m.episode == 0
-                ]
+                marks = {True: "+", False: "-"}  # the oracle's label, where the env gives one
+                first = [m for m in moves if m.episode == 0]
+                steps = [f"{m.text!r}{marks.get(m.info.get('good'), '')}" for m in first]
                 outcome = "reached the goal" if rewards[0, 0] > 0 else "failed"
                 log(f"-- a sampled episode at iter {it} (+ good, - flawed) --")
                 log(f"{envs[0].to_string()}\n  moves: {' '.join(steps)}  -> {outcome}")
     last = measured[max(measured)]
+    lemma = {  # Lemma 3.1's columns, (iters,) each
+        key: np.array([r[key] for r in rows], dtype=float)
+        for key in ("adv_flawed_mean", "adv_abs_mean", "flawed_pos_adv_frac")
+    }
     no_signal = [r["mixed_groups"] == 0 for r in rows]  # iterations where every group tied
     rollout_s = sum(r["rollout_s"] for r in rows)
     return {  # summary.json, beside the settings
@@ -1297,8 +1314,8 @@ def train(
         "start": measured[0],
         "end": last,
         "over_run": {  # Lemma 3.1 over every iteration, under the advantage actually used
-            key: float(np.nanmean([r[key] for r in rows])) if rows else math.nan
-            for key in ("adv_flawed_mean", "adv_abs_mean", "flawed_pos_adv_frac")
+            key: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan  # NaN: no oracle
+            for key, v in lemma.items()
         },
         "no_signal_iters_frac": float(np.mean(no_signal)) if rows else math.nan,
         "decisions_per_second": sum(r["moves"] for r in rows) / max(rollout_s, 1e-9),
