@@ -1632,10 +1632,18 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
     """The mechanism GCD relies on: learning to tell (s_good, a) from (s_flawed, a) -- prompts one
     cell apart -- pushes apart their last-layer hidden states at the verdict position (the last
     query token; the probe's hidden_cos is read elsewhere, where the move is predicted). Trained
-    on 64 coupled pairs from scratch, measured on 32 pairs it never saw."""
-    torch.manual_seed(0)
-    model, tokenizer = ga.load_policy(ga.Settings(tiny_layers=1, tiny_dim=64), torch.device("cpu"))
-    pairs = toy_env.coupled_pairs("train", 96, seed=0)
+    from scratch on 64 coupled pairs until it fits them, measured on 64 pairs it never saw.
+
+    Measured where the classifier has fitted its pairs (training loss < 0.05), not after a fixed
+    number of steps: on the way there the twins' cosine falls and rises again with Adam's path
+    (a 1-layer model after 120 steps read 0.72 here and 0.935 on an AMD EPYC with MKL; it never
+    fits the pairs, its loss wanders about 0.45, hence 2 layers here). At the
+    fit, over torch seeds 0-5 (a stand-in for other machines' arithmetic, which move the path
+    as much; 1 and 2 threads gave the same path): 94 to 230 steps, unseen accuracy 0.70 to 0.78
+    (untrained 0.50 to 0.60), the unseen twins' cosine from 0.97-0.99 to 0.20-0.46. The bars sit
+    well clear of all of these."""
+    model, tokenizer = ga.load_policy(ga.Settings(tiny_layers=2, tiny_dim=64), torch.device("cpu"))
+    pairs = toy_env.coupled_pairs("train", 128, seed=0)
     train_prompts, train_actions, train_labels = coupled_examples(tokenizer, pairs[:64])
     test_prompts, test_actions, test_labels = coupled_examples(tokenizer, pairs[64:])
     query = tokenizer(ga.VERDICT_QUERY, add_special_tokens=False)["input_ids"]
@@ -1653,19 +1661,19 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
         return accuracy, float(cosine)
 
     acc_before, cos_before = accuracy_and_pair_cosine()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
-    for _ in range(120):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(1, 401):
         optimizer.zero_grad()
         loss = ga.classification_loss(model, tokenizer, train_prompts, train_actions, train_labels)
         loss.backward()
         optimizer.step()
+        if loss.item() < 0.05:
+            break
     acc_after, cos_after = accuracy_and_pair_cosine()
-    # 64 unseen moves: >= 40 right has probability ~2.5 % under chance. Learning a one-cell
-    # relation from 64 pairs is hard for a small model from scratch: it generalises only partly
-    # (measured on the 1-layer tiny Llama: accuracy 0.50 -> 0.688, 44 of 64; cosine 0.996 ->
-    # 0.724).
-    assert acc_before == 0.5 and acc_after >= 0.625, (acc_before, acc_after)
-    assert cos_before > 0.9 and cos_after < cos_before - 0.1, (cos_before, cos_after)
+    assert loss.item() < 0.05, f"the training pairs were not fitted in {step} steps"
+    # 128 unseen moves: >= 80 right has probability ~0.3 % under chance (0.5, balanced classes).
+    assert acc_after >= 0.625, (acc_before, acc_after, step)
+    assert cos_before > 0.9 and cos_after < cos_before - 0.25, (cos_before, cos_after, step)
 
 
 # ---- a real pretrained model: --model as a .gguf file -----------------------------------------
