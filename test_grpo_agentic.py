@@ -1273,9 +1273,11 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_cleanly_and_keeps_outputs(tmp_path, capsys):
-    """A GPT-2 at lr 1e30 overflows within 6 iterations (the Llama's RMSNorm keeps its logits
-    finite that long)."""
-    args = [*TINY_ARGS, "--sft-steps", "30", "--group-size", "8", "--iters", "6", "--lr", "1e30"]
+    """A GPT-2 at lr 1e30 overflows at the iteration after its first update (the Llama's RMSNorm
+    can keep its logits finite). Iterations whose groups all tie update nothing, and how many
+    come first rides on the path: the stop came at iteration 3 to 5 over torch seeds 0-3 (the
+    same with 1 and 2 threads), too near the 6 this test once allowed; it allows 12."""
+    args = [*TINY_ARGS, "--sft-steps", "30", "--group-size", "8", "--iters", "12", "--lr", "1e30"]
     args += ["--tiny-arch", "gpt2"]
     code = ga.main([*args, "--lr-warmup-iters", "0", "--out-dir", str(tmp_path)])
     assert code == 1 and "stopped" in capsys.readouterr().err
