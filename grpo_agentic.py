@@ -215,7 +215,7 @@ def build_word_tokenizer():
     )
 
 
-def build_tiny_model(tokenizer, layers: int, dim: int, positions: int, arch: str = "gpt2"):
+def build_tiny_model(tokenizer, layers: int, dim: int, positions: int, arch: str):
     """A small causal LM from a config (random init). At the defaults, 3 layers x 96 wide:
     0.34 M parameters for GPT-2 (with 64 learned positions), 0.33 M for Llama.
 
@@ -223,7 +223,10 @@ def build_tiny_model(tokenizer, layers: int, dim: int, positions: int, arch: str
     positions, RMSNorm, a SwiGLU MLP 8/3 x wide (the same parameter count), as Llama and Qwen are.
     `positions`: the longest sequence it must read (GPT-2's positions are learned, and a longer
     input fails with an index error); never fewer than 64, so that every run that needs fewer draws
-    the same initial weights (GPT-2's position table is drawn from the same random stream)."""
+    the same initial weights (GPT-2's position table is drawn from the same random stream).
+    `arch` has no default: a default could differ from the run's (--tiny-arch llama)."""
+    if arch not in ("gpt2", "llama"):
+        raise ValueError(f"arch must be 'gpt2' or 'llama', got {arch!r}")
     special = dict(
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -717,7 +720,16 @@ def grpo_advantages(rewards: torch.Tensor, scale_by_std: bool = True, eps: float
     >>> grpo_advantages(torch.tensor([[1., 0., 0., 1.], [1., 1., 1., 1.]]))
     tensor([[ 1.0000, -1.0000, -1.0000,  1.0000],
             [ 0.0000,  0.0000,  0.0000,  0.0000]])
+
+    A 1-D tensor is refused rather than read as one group: rollout returns (B*G,) rewards, and
+    one baseline across all tasks is the silent result of a forgotten .view(B, G).
     """
+    if rewards.dim() != 2:
+        raise ValueError(
+            f"rewards must be (num_groups, G), got {tuple(rewards.shape)}: "
+            "use rewards.view(B, G), or rewards[None] for one group"
+        )
+    rewards = rewards if rewards.is_floating_point() else rewards.float()  # 0/1 counts, bools
     mean = rewards.mean(dim=1, keepdim=True)  # (num_groups, 1)
     std = rewards.std(dim=1, keepdim=True, unbiased=False)  # (num_groups, 1)
     if scale_by_std:
@@ -742,6 +754,11 @@ def move_advantages(rewards: torch.Tensor, episodes: list[int], scale_by_std: bo
     >>> move_advantages(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), [0, 1, 0, 2, 3])
     tensor([ 1.0000, -1.0000,  1.0000,  0.0000,  0.0000])
     """
+    if set(map(int, episodes)) != set(range(rewards.numel())):  # rollout plays each at least once
+        raise ValueError(
+            f"episode ids must be 0..{rewards.numel() - 1}, each with a move: call rollout once "
+            "on all B*G envs in group-major order (one call per group restarts the ids at 0)"
+        )
     episode_adv = grpo_advantages(rewards, scale_by_std).flatten()  # (B*G,)
     return episode_adv[episodes]  # (N,) each move inherits its episode's
 
@@ -812,6 +829,17 @@ def grpo_loss(
     positions are left out before any exp, so an untrained position can never overflow into NaN.
     Returns (L, info): info["pg_loss"] is L_pg alone, info["ratio_dev"] = max_t |ratio_t - 1|
     (0 when the sampler and the scorer agree)."""
+    # Constants, or the ratio is 1 through the graph and the surrogate's gradient about 0:
+    if old_logp.requires_grad or (ref_logp is not None and ref_logp.requires_grad):
+        raise ValueError("old_logp and ref_logp: compute them under torch.no_grad() or .detach()")
+    if old_logp.shape != logp.shape or advantages.shape != logp.shape[:1]:
+        raise ValueError(
+            f"old_logp {tuple(old_logp.shape)} must be logp's (N, T) = {tuple(logp.shape)} "
+            f"and advantages {tuple(advantages.shape)} must be (N,): one advantage per move"
+        )
+    if kl_coef > 0 and ref_logp is None:  # the KL would read 0.0: "no drift"
+        raise ValueError("kl_coef > 0 needs ref_logp: pass the reference policy's log-probs")
+    advantages = advantages.to(logp.device)  # (N,) wherever they were computed
     on_action = action_mask.bool()  # (N, T)
     n_tok = on_action.sum().clamp(min=1)
     adv = advantages[:, None].expand_as(logp)[on_action]  # (n_tok,) each token its move's A
@@ -894,7 +922,11 @@ def balanced_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     >>> round(balanced_cross_entropy(logits, torch.tensor([1, 1, 0])).item(), 4)
     1.41
     """
-    target = labels.to(logits.device)  # (N,)
+    if len(labels) == 0:  # the loss would be NaN (0 / 0)
+        raise ValueError("no labelled pairs: skip the classification loss when there are none")
+    if not ((labels == 0) | (labels == 1)).all():
+        raise ValueError(f"labels must be 0 (bad) or 1 (good), got {labels.unique().tolist()}")
+    target = labels.to(logits.device).long()  # (N,) class ids, also from 0./1. or bools
     count = torch.bincount(target, minlength=2).float()  # (2,)
     weight = torch.where(count > 0, 1 / count.clamp(min=1), 0.0)  # (2,)
     return F.cross_entropy(logits, target, weight=weight)
@@ -936,6 +968,8 @@ def learning_rate(it: int, peak: float, warmup: int, total: int) -> float:
     >>> [round(learning_rate(it, 1.0, warmup=2, total=6), 3) for it in range(1, 7)]
     [0.5, 1.0, 0.8, 0.6, 0.4, 0.2]
     """
+    if not 1 <= it <= total:  # it = 0 would be a step of rate 0; past total the rate is negative
+        raise ValueError(f"iteration {it} is outside 1..{total}: iterations are 1-based, 1..total")
     rising = it / warmup if warmup else 1.0
     falling = (total + 1 - it) / max(1, total + 1 - warmup)
     return peak * min(1.0, rising, falling)
@@ -1082,7 +1116,7 @@ def squeezing_step(probs: torch.Tensor, action: int, advantage: float, lr: float
     from 0.50 to 0.60 (it is the most likely); yet bad mass falls 0.80 -> 0.79 and good action 2
     gains 0.20 -> 0.21.
     """
-    onehot = F.one_hot(torch.tensor(action), len(probs)).float()
+    onehot = F.one_hot(torch.tensor(action, device=probs.device), len(probs)).to(probs.dtype)
     z = torch.log(probs) + lr * advantage * (onehot - probs)
     return torch.softmax(z, dim=0)
 
@@ -1112,9 +1146,14 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], chat: bo
                      _move: at the move's last token (where a verdict is read); _centred:
                      after subtracting the probe's mean state, a component every grid shares.
     A pair with a zero gradient has no cosine (and, if it is g_good's, no ratio): left out.
+    One pair has no hidden_cos_centred (NaN): centred on the mean of its own two states, the
+    twins are each other's negative, a cosine of -1 by construction. Dot products and cosines
+    are taken in float32 (in bfloat16, twins 0.999 alike read exactly 1.0).
 
     Uses torch.autograd.grad (never .grad) and changes no weight: model, gradients and optimiser
     are left as they were; so is the train/eval mode."""
+    if not pairs:
+        raise ValueError("coupling_probe needs at least one (obs_good, obs_flawed, action) pair")
     was_training = model.training
     model.eval()  # no dropout noise in the probe
     params = [p for p in model.parameters() if p.requires_grad]
@@ -1124,8 +1163,8 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], chat: bo
         logps = action_logprobs(model, tokenizer, observations, [action, action], chat)  # (2,)
         g_good = torch.cat(
             [g.flatten() for g in torch.autograd.grad(logps[0], params, retain_graph=True)]
-        )
-        g_flawed = torch.cat([g.flatten() for g in torch.autograd.grad(logps[1], params)])
+        ).float()
+        g_flawed = torch.cat([g.flatten() for g in torch.autograd.grad(logps[1], params)]).float()
         good_sq = (g_good @ g_good).item()
         flawed_sq = (g_flawed @ g_flawed).item()
         dot = (g_good @ g_flawed).item()
@@ -1145,7 +1184,7 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], chat: bo
                 output_hidden_states=True,
                 logits_to_keep=1,
             )
-            hidden = out.hidden_states[-1]  # (2, T, d)
+            hidden = out.hidden_states[-1].float()  # (2, T, d)
         states.append(hidden[:, -len(move) - 1])  # (2, d) where the move is predicted
         moves.append(hidden[:, -1])  # (2, d) the move's last token
     model.train(was_training)
@@ -1161,7 +1200,7 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], chat: bo
         "coupling_ratio": float(np.median(ratios)) if ratios else math.nan,
         "hidden_cos": twin_cosine(states),
         "hidden_cos_move": twin_cosine(moves),
-        "hidden_cos_centred": twin_cosine(centred),
+        "hidden_cos_centred": twin_cosine(centred) if len(pairs) > 1 else math.nan,
     }
 
 
@@ -1172,6 +1211,7 @@ def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     >>> balanced_accuracy(torch.tensor([1, 1, 1, 0]), torch.tensor([1, 1, 0, 0]))
     0.75
     """
+    labels = labels.to(predicted.device)  # (N,) beside the predictions, wherever they are
     recalls = [(predicted[labels == c] == c).float().mean().item() for c in labels.unique()]
     return float(np.mean(recalls))
 
@@ -1347,14 +1387,17 @@ def measure(model, tokenizer, s: Settings, it: int, probes=(), log=print) -> dic
 def rollout_stats(moves: list[Move], rewards: torch.Tensor, move_adv: torch.Tensor) -> dict:
     """What one iteration's rollouts look like, for the log. The oracle's labels (info["good"])
     show Lemma 3.1 at work: the mean advantage of flawed moves, and how many get A > 0 all the
-    same; cls_label_noise is how often the sign of A mislabels a move (diagnostics only)."""
-    good = torch.tensor([m.info["good"] for m in moves])  # (N,)
-    label_wrong = [(a > 0) != m.info["good"] for m, a in zip(moves, move_adv.tolist()) if a != 0]
-    return {
+    same; cls_label_noise is how often the sign of A mislabels a move (diagnostics only). An
+    environment whose info has no "good" leaves these oracle columns NaN."""
+    labelled = all("good" in m.info for m in moves)
+    labels = [bool(m.info.get("good")) for m in moves]  # the oracle's, False where absent
+    good = torch.tensor(labels)  # (N,)
+    label_wrong = [(a > 0) != g for g, a in zip(labels, move_adv.tolist()) if a != 0]
+    stats = {
         "success": rewards.mean().item(),
         "moves": len(moves),
         "valid_frac": float(np.mean([m.action is not None for m in moves])),
-        "good_frac": float(np.mean([m.info["good"] for m in moves])),
+        "good_frac": float(np.mean(labels)),
         "mixed_groups": (rewards.std(dim=1) > 0).float().mean().item(),
         "adv_abs_mean": move_adv.abs().mean().item(),
         "flawed_frac": (~good).float().mean().item(),
@@ -1363,21 +1406,31 @@ def rollout_stats(moves: list[Move], rewards: torch.Tensor, move_adv: torch.Tens
         "flawed_pos_adv_frac": (move_adv[~good] > 0).float().mean().item(),
         "cls_label_noise": float(np.mean(label_wrong)) if label_wrong else math.nan,
     }
+    if labelled:
+        return stats
+    oracle = ["good_frac", "flawed_frac", "adv_flawed_mean", "adv_good_mean"]
+    oracle += ["flawed_pos_adv_frac", "cls_label_noise"]  # what needs info["good"]
+    return {k: math.nan if k in oracle else v for k, v in stats.items()}
 
 
 def log_line(row: dict, iters: int) -> str:
-    """The fixed-format line printed for each iteration."""
+    """The fixed-format line printed for each iteration; a value that does not exist (NaN) is
+    '-', and an update that trained nothing (every advantage 0, no classification) says so."""
+
+    def show(key: str, spec: str) -> str:
+        return "-" if math.isnan(row[key]) else format(row[key], spec)
+
     parts = [
         f"it {row['iter']:3d}/{iters}",
         f"succ {row['success']:.2f}",
         f"valid {row['valid_frac']:.2f}",
-        f"good {row['good_frac']:.2f}",
+        f"good {show('good_frac', '.2f')}",
         f"mixed {row['mixed_groups']:.2f}",
         f"lr {row['lr']:.1e}",
-        f"loss {row['loss']:+.4f}",
-        f"clip {row['clip_frac']:.2f}",
-        f"A flawed {row['adv_flawed_mean']:+.2f} good {row['adv_good_mean']:+.2f}"
-        f" (flawed A>0 {row['flawed_pos_adv_frac']:.2f})",
+        "loss - (no signal)" if math.isnan(row["loss"]) else f"loss {row['loss']:+.4f}",
+        f"clip {show('clip_frac', '.2f')}",
+        f"A flawed {show('adv_flawed_mean', '+.2f')} good {show('adv_good_mean', '+.2f')}"
+        f" (flawed A>0 {show('flawed_pos_adv_frac', '.2f')})",
     ]
     if not math.isnan(row["cls_loss"]):
         parts.append(f"cls {row['cls_loss']:.3f}")
@@ -1488,13 +1541,17 @@ def train(
             metrics_file.write(json.dumps(without_nan) + "\n")
             log(log_line(row, s.iters))
             if s.render_every and it % s.render_every == 0:
-                steps = [
-                    f"{m.text!r}{'+' if m.info['good'] else '-'}" for m in moves if m.episode == 0
-                ]
+                marks = {True: "+", False: "-"}  # the oracle's label, where the env gives one
+                first = [m for m in moves if m.episode == 0]
+                steps = [f"{m.text!r}{marks.get(m.info.get('good'), '')}" for m in first]
                 outcome = "reached the goal" if rewards[0, 0] > 0 else "failed"
                 log(f"-- a sampled episode at iter {it} (+ good, - flawed) --")
                 log(f"{envs[0].to_string()}\n  moves: {' '.join(steps)}  -> {outcome}")
     last = measured[max(measured)]
+    lemma = {  # Lemma 3.1's columns, (iters,) each
+        key: np.array([r[key] for r in rows], dtype=float)
+        for key in ("adv_flawed_mean", "adv_abs_mean", "flawed_pos_adv_frac")
+    }
     no_signal = [r["mixed_groups"] == 0 for r in rows]  # iterations where every group tied
     rollout_s = sum(r["rollout_s"] for r in rows)
     return {  # summary.json, beside the settings
@@ -1503,8 +1560,8 @@ def train(
         "start": measured[0],
         "end": last,
         "over_run": {  # Lemma 3.1 over every iteration, under the advantage actually used
-            key: float(np.nanmean([r[key] for r in rows])) if rows else math.nan
-            for key in ("adv_flawed_mean", "adv_abs_mean", "flawed_pos_adv_frac")
+            key: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan  # NaN: no oracle
+            for key, v in lemma.items()
         },
         "no_signal_iters_frac": float(np.mean(no_signal)) if rows else math.nan,
         "decisions_per_second": sum(r["moves"] for r in rows) / max(rollout_s, 1e-9),

@@ -1367,9 +1367,11 @@ def test_existing_run_is_never_overwritten(tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_cleanly_and_keeps_outputs(tmp_path, capsys):
-    """A GPT-2 at lr 1e30 overflows within 6 iterations (the Llama's RMSNorm keeps its logits
-    finite that long)."""
-    args = [*TINY_ARGS, "--sft-steps", "30", "--group-size", "8", "--iters", "6", "--lr", "1e30"]
+    """A GPT-2 at lr 1e30 overflows at the iteration after its first update (the Llama's RMSNorm
+    can keep its logits finite). Iterations whose groups all tie update nothing, and how many
+    come first rides on the path: the stop came at iteration 3 to 5 over torch seeds 0-3 (the
+    same with 1 and 2 threads), too near the 6 this test once allowed; it allows 12."""
+    args = [*TINY_ARGS, "--sft-steps", "30", "--group-size", "8", "--iters", "12", "--lr", "1e30"]
     args += ["--tiny-arch", "gpt2"]
     code = ga.main([*args, "--lr-warmup-iters", "0", "--out-dir", str(tmp_path)])
     assert code == 1 and "stopped" in capsys.readouterr().err
@@ -1873,10 +1875,18 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
     """The mechanism GCD relies on: learning to tell (s_good, a) from (s_flawed, a) -- prompts one
     cell apart -- pushes apart their last-layer hidden states at the verdict position (the last
     query token; the probe's hidden_cos is read elsewhere, where the move is predicted). Trained
-    on 64 coupled pairs from scratch, measured on 32 pairs it never saw."""
-    torch.manual_seed(0)
-    model, tokenizer = ga.load_policy(ga.Settings(tiny_layers=1, tiny_dim=64), torch.device("cpu"))
-    pairs = toy_env.coupled_pairs("train", 96, seed=0)
+    from scratch on 64 coupled pairs until it fits them, measured on 64 pairs it never saw.
+
+    Measured where the classifier has fitted its pairs (training loss < 0.05), not after a fixed
+    number of steps: on the way there the twins' cosine falls and rises again with Adam's path
+    (a 1-layer model after 120 steps read 0.72 here and 0.935 on an AMD EPYC with MKL; it never
+    fits the pairs, its loss wanders about 0.45, hence 2 layers here). At the
+    fit, over torch seeds 0-5 (a stand-in for other machines' arithmetic, which move the path
+    as much; 1 and 2 threads gave the same path): 94 to 230 steps, unseen accuracy 0.70 to 0.78
+    (untrained 0.50 to 0.60), the unseen twins' cosine from 0.97-0.99 to 0.20-0.46. The bars sit
+    well clear of all of these."""
+    model, tokenizer = ga.load_policy(ga.Settings(tiny_layers=2, tiny_dim=64), torch.device("cpu"))
+    pairs = toy_env.coupled_pairs("train", 128, seed=0)
     train_prompts, train_actions, train_labels = coupled_examples(tokenizer, pairs[:64])
     test_prompts, test_actions, test_labels = coupled_examples(tokenizer, pairs[64:])
     query = tokenizer(ga.VERDICT_QUERY, add_special_tokens=False)["input_ids"]
@@ -1898,19 +1908,19 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
         return accuracy, float(cosine)
 
     acc_before, cos_before = accuracy_and_pair_cosine()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=6e-3)
-    for _ in range(120):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(1, 401):
         optimizer.zero_grad()
         loss = ga.classification_loss(model, tokenizer, train_prompts, train_actions, train_labels)
         loss.backward()
         optimizer.step()
+        if loss.item() < 0.05:
+            break
     acc_after, cos_after = accuracy_and_pair_cosine()
-    # 64 unseen moves: >= 40 right has probability ~2.5 % under chance. Learning a one-cell
-    # relation from 64 pairs is hard for a small model from scratch: it generalises only partly
-    # (measured on the 1-layer tiny Llama: accuracy 0.50 -> 0.688, 44 of 64; cosine 0.996 ->
-    # 0.724).
-    assert acc_before == 0.5 and acc_after >= 0.625, (acc_before, acc_after)
-    assert cos_before > 0.9 and cos_after < cos_before - 0.1, (cos_before, cos_after)
+    assert loss.item() < 0.05, f"the training pairs were not fitted in {step} steps"
+    # 128 unseen moves: >= 80 right has probability ~0.3 % under chance (0.5, balanced classes).
+    assert acc_after >= 0.625, (acc_before, acc_after, step)
+    assert cos_before > 0.9 and cos_after < cos_before - 0.25, (cos_before, cos_after, step)
 
 
 # ---- a real pretrained model: --model as a .gguf file -----------------------------------------
@@ -2354,3 +2364,177 @@ def test_trap_a_pad_id_outside_the_vocabulary_is_refused(tiny):
     for pad in (None, model.config.vocab_size):
         with pytest.raises(ValueError, match="pad with end-of-text"):
             ga.sequence_logprobs(model, prompts, [[1], [2]], pad, 1.0)
+
+
+# ---- issue 28: no silent traps for a copier ---------------------------------------------------
+# Each test makes one mistake a copier of a CORE function makes on purpose, and asserts that it
+# is loud (an error that says the fix, or a warning) instead of a wrong number or a no-op.
+
+
+@pytest.mark.parametrize("it", [0, 11])
+def test_learning_rate_refuses_an_iteration_outside_1_to_total(it):
+    """Trap 3: a 0-based loop gives learning_rate(0, ...) = 0, a step that does nothing, and an
+    iteration past `total` a negative rate (an ascent)."""
+    with pytest.raises(ValueError, match="1-based"):
+        ga.learning_rate(it, 1e-3, warmup=2, total=10)
+
+
+def test_grpo_loss_refuses_old_logprobs_that_carry_a_gradient():
+    """Trap 6: old (or reference) log-probs recomputed outside torch.no_grad(): the ratio
+    exp(logp - old) is exactly 1 through the graph and the surrogate's gradient is about 0."""
+    logp = torch.tensor([[0.0, -0.5, -1.0]], requires_grad=True)
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match=r"torch.no_grad\(\) or .detach\(\)"):
+        ga.grpo_loss(logp, logp + 0.0, torch.tensor([1.0]), mask, 0.2)
+    with pytest.raises(ValueError, match=r"torch.no_grad\(\) or .detach\(\)"):
+        ga.grpo_loss(logp, logp.detach(), torch.tensor([1.0]), mask, 0.2, logp + 0.0, 0.1)
+
+
+def test_grpo_loss_refuses_a_kl_coefficient_without_reference_log_probs():
+    """Trap 4 at the loss level: kl_coef > 0 with ref_logp None read KL 0.0, "no drift"."""
+    logp = torch.tensor([[0.0, -0.5, -1.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    with pytest.raises(ValueError, match="kl_coef > 0 needs ref_logp"):
+        ga.grpo_loss(logp, logp, torch.tensor([1.0]), mask, 0.2, kl_coef=0.1)
+
+
+@pytest.mark.parametrize(
+    "old_shape, advantages_shape", [((2, 2), (2,)), ((2, 3), (2, 1)), ((2, 3), (1,))]
+)
+def test_grpo_loss_names_both_shapes_when_old_log_probs_or_advantages_do_not_fit(
+    old_shape, advantages_shape
+):
+    """Old log-probs not (N, T) like logp, or advantages not (N,) (say (N, 1), or one per
+    group): today an IndexError or a broadcast error from deep inside the loss."""
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
+    old, advantages = torch.zeros(old_shape), torch.ones(advantages_shape)
+    with pytest.raises(ValueError, match=r"must be logp's \(N, T\) = \(2, 3\)"):
+        ga.grpo_loss(logp, old, advantages, mask, 0.2)
+
+
+def test_grpo_advantages_take_integer_rewards_and_refuse_a_flat_vector():
+    """Crashes that do not say what to do: integer rewards ('could not infer output dtype') are
+    now cast to float; a 1-D vector (rollout's (B*G,) rewards without .view(B, G)) gave an
+    IndexError and is refused with the reshape to use."""
+    counts = torch.tensor([[1, 0, 0, 1], [1, 1, 1, 1]])
+    as_floats = ga.grpo_advantages(counts.float())
+    assert torch.equal(ga.grpo_advantages(counts), as_floats)
+    assert torch.equal(ga.grpo_advantages(counts.bool()), as_floats)
+    with pytest.raises(ValueError, match=r"use rewards.view\(B, G\), or rewards\[None\]"):
+        ga.grpo_advantages(counts.float().flatten())
+
+
+def test_move_advantages_refuse_episode_ids_of_rollouts_made_one_group_at_a_time():
+    """Trap 9: rollout called once per group and the moves concatenated: the episode ids restart
+    at 0, so every group's moves take group 0's advantages, and episodes G.. have no move."""
+    rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (B, G) = (2, 2)
+    first_group, second_group = [0, 1, 0], [0, 1, 1]  # each rollout numbers its episodes 0, 1
+    with pytest.raises(ValueError, match="call rollout once on all B\\*G envs in group-major"):
+        ga.move_advantages(rewards, first_group + second_group)
+    with pytest.raises(ValueError, match="episode ids must be 0..3"):
+        ga.move_advantages(rewards, [0, 1, 2, 3, 4])  # an id past B*G: an IndexError today
+
+
+def test_balanced_cross_entropy_takes_float_labels_and_refuses_no_labels_or_other_values():
+    """Crashes that do not say what to do, and a silent NaN: float or bool 0/1 labels ("bincount
+    not implemented for 'Float'") are class ids; no labelled pair at all gave a NaN loss (0 / 0)
+    and a label other than 0 or 1 a weight-size error."""
+    logits, labels = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 2.0]]), torch.tensor([1, 1, 0])
+    expected = ga.balanced_cross_entropy(logits, labels)
+    assert torch.equal(ga.balanced_cross_entropy(logits, labels.float()), expected)
+    assert torch.equal(ga.balanced_cross_entropy(logits, labels.bool()), expected)
+    with pytest.raises(ValueError, match="no labelled pairs: skip the classification loss"):
+        ga.balanced_cross_entropy(logits[:0], labels[:0])
+    with pytest.raises(ValueError, match=r"labels must be 0 \(bad\) or 1 \(good\)"):
+        ga.balanced_cross_entropy(logits, torch.tensor([1, 2, 0]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_core_functions_follow_the_device_of_their_main_tensor():
+    """Tensors made on the CPU beside CUDA ones ("Expected all tensors to be on the same
+    device"): advantages beside CUDA log-probs in grpo_loss, labels beside CUDA predictions in
+    balanced_accuracy, squeezing_step's one-hot beside CUDA probabilities, and CPU labels beside
+    CUDA logits in balanced_cross_entropy."""
+    cuda = torch.device("cuda")
+    logp = torch.tensor([[0.0, 0.5, -0.5]], device=cuda)
+    mask = torch.tensor([[0.0, 1.0, 1.0]], device=cuda)
+    loss, _ = ga.grpo_loss(logp, torch.zeros_like(logp), torch.tensor([1.0]), mask, 0.2)
+    assert loss.device.type == "cuda"
+    predicted = torch.tensor([1, 0, 0, 0], device=cuda)
+    assert ga.balanced_accuracy(predicted, torch.tensor([1, 1, 0, 0])) == 0.75
+    probs = torch.tensor([0.3, 0.5, 0.2], device=cuda)
+    new = ga.squeezing_step(probs, action=0, advantage=-1.0, lr=0.5)
+    assert torch.allclose(new.cpu(), torch.tensor([0.1968, 0.5975, 0.2057]), atol=1e-4)
+    logits = torch.zeros(2, 2, device=cuda)
+    assert ga.balanced_cross_entropy(logits, torch.tensor([0, 1])).device.type == "cuda"
+
+
+def test_coupling_probe_of_one_pair_has_no_centred_cosine_and_of_none_says_so(tiny):
+    """Trap 10: on one pair, hidden_cos_centred is -1.0 by construction (two states centred on
+    their own mean are each other's negative); it is NaN instead. No pair at all: a clear error
+    instead of torch.stack's."""
+    s, model, tokenizer = tiny
+    probe = ga.coupling_probe(model, tokenizer, observation_pairs(1))
+    assert math.isnan(probe["hidden_cos_centred"]) and math.isfinite(probe["coupling_ratio"])
+    with pytest.raises(ValueError, match="at least one"):
+        ga.coupling_probe(model, tokenizer, [])
+
+
+def test_coupling_probe_of_a_bfloat16_model_measures_in_float32(tiny):
+    """Trap 2: dot products and cosines of a bfloat16 model taken in bfloat16, whose steps near 1
+    are 2**-8: twins 0.9988 alike read hidden_cos_move 1.0 (measured). Upcast, the bfloat16
+    model reads what its float32 original does within 1e-4 (measured); the bar is 1e-3."""
+    s, model, tokenizer = tiny
+    pairs = observation_pairs(3)
+    exact = ga.coupling_probe(model, tokenizer, pairs)
+    half = ga.coupling_probe(copy.deepcopy(model).to(torch.bfloat16), tokenizer, pairs)
+    for key in ("hidden_cos", "hidden_cos_move"):
+        assert exact[key] < 0.9995 and abs(half[key] - exact[key]) < 1e-3, (key, half, exact)
+
+
+def test_build_tiny_model_has_no_default_architecture_to_be_wrong():
+    """Trap 13: build_tiny_model(tokenizer, ...) without `arch` built a GPT-2 while the run
+    defaults to the Llama; an unknown name ('Llama') built a GPT-2 too."""
+    tokenizer = ga.build_word_tokenizer()
+    with pytest.raises(TypeError, match="arch"):
+        ga.build_tiny_model(tokenizer, 1, 32, 64)
+    with pytest.raises(ValueError, match="arch must be 'gpt2' or 'llama'"):
+        ga.build_tiny_model(tokenizer, 1, 32, 64, "Llama")
+
+
+def test_log_line_shows_an_iteration_without_signal_as_no_signal_not_nan():
+    """Trap 14: an iteration where every group ties trains nothing (a correct no-op), yet its
+    line read 'loss +nan | clip nan', an error to the eye (metrics.jsonl still writes null)."""
+    nan = math.nan
+    row = dict(iter=3, success=1.0, valid_frac=1.0, good_frac=0.9, mixed_groups=0.0, lr=1e-3)
+    row.update(loss=nan, clip_frac=nan, adv_flawed_mean=0.0, adv_good_mean=0.0, cls_loss=nan)
+    row.update(flawed_pos_adv_frac=0.0, rollout_s=0.1, update_s=0.0)
+    line = ga.log_line(row, iters=10)
+    assert "loss - (no signal)" in line and "clip -" in line and "nan" not in line, line
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # no "Mean of empty slice" either
+def test_train_runs_an_environment_without_oracle_labels(tmp_path, monkeypatch):
+    """train() on moves whose info has no "good" (another environment) stopped with KeyError:
+    'good'. It trains and logs; only the oracle's columns are null (NaN), the rendered episode
+    has no +/- marks, and the summary's Lemma 3.1 means are NaN."""
+    sample = ga.sample_iteration
+
+    def unlabelled(*args):
+        moves, rewards, envs = sample(*args)
+        for m in moves:
+            m.info = {k: v for k, v in m.info.items() if k not in ("good", "good_actions")}
+        return moves, rewards, envs
+
+    monkeypatch.setattr(ga, "sample_iteration", unlabelled)
+    lines = []
+    s = ga.Settings(**{**TINY, "iters": 2, "eval_every": 2, "render_every": 1})
+    _, _, summary = train(s, tmp_path, log=lines.append)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["good_frac"] is None and r["cls_label_noise"] is None for r in rows)
+    assert all(r["valid_frac"] is not None and r["adv_abs_mean"] is not None for r in rows)
+    assert math.isnan(summary["over_run"]["adv_flawed_mean"])
+    assert any("good - |" in line for line in lines)  # the iteration's line
+    rendered = [line for line in lines if "moves: '" in line]  # the sampled episode
+    assert rendered and not any("'+" in x or "'-" in x for x in rendered), rendered
