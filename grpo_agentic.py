@@ -788,7 +788,11 @@ def action_token_logprobs(
     sequences = [p + a for p, a in zip(prompts, actions)]
     ids, attention, positions = model_inputs(model, sequences, pad_id)  # (N, T) each
     out = model(
-        input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=k + 1
+        input_ids=ids,
+        attention_mask=attention,
+        position_ids=positions,
+        use_cache=False,  # one forward: a key/value cache would only hold memory
+        logits_to_keep=k + 1,
     )
     logits = out.logits[:, -(k + 1) : -1].float() / temperature  # (N, K, V) predict the last K
     logp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, -k:, None]).squeeze(2)  # (N, K)
@@ -894,7 +898,11 @@ def verdict_logits(
     if all(len(v) == 1 for v in fmt.verdicts):
         ids, attention, positions = model_inputs(model, asked, pad)  # (N, T) each
         out = model(
-            input_ids=ids, attention_mask=attention, position_ids=positions, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=positions,
+            use_cache=False,
+            logits_to_keep=1,
         )
         last = out.logits[:, -1].float()  # (N, V) after the query
         return torch.log_softmax(last, dim=-1)[:, [v[0] for v in fmt.verdicts]]  # (N, 2)
@@ -1182,6 +1190,7 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], chat: bo
                 attention_mask=attention,
                 position_ids=positions,
                 output_hidden_states=True,
+                use_cache=False,
                 logits_to_keep=1,
             )
             hidden = out.hidden_states[-1].float()  # (2, T, d)
