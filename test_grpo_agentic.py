@@ -1108,8 +1108,10 @@ def test_a_warm_start_keeps_its_weights_while_the_model_it_came_from_trains(tmp_
     start = ga.warm_start(model.eval(), tokenizer, s, log=lambda *_: None)
     kept = {k: v.clone() for k, v in start["policy"].items()}
     ga.train(model, tokenizer, s, str(tmp_path), lambda *_: None, start=start)
+    with torch.no_grad():  # the model moves, whatever RL did (at torch seed 4 every group tied)
+        for weight in model.parameters():
+            weight.add_(1.0)
     assert all(torch.equal(kept[k], v) for k, v in start["policy"].items())
-    assert not all(torch.equal(kept[k], v) for k, v in model.state_dict().items())  # it trained
 
 
 def bpe_gpt2():
@@ -1504,9 +1506,12 @@ def test_gigpo_step_advantages_of_a_hand_made_group_with_shared_states():
 
 
 def test_step_credit_coef_0_trains_exactly_like_grpo(tmp_path):
-    """w = 0 must reproduce GRPO exactly; w = 1 must change the run (else the flag is dead)."""
+    """w = 0 must reproduce GRPO exactly; w = 1 must change the run (else the flag is dead).
+    Step credit needs a success to differ: after 40 warm-up steps every group of every
+    iteration tied at torch seed 4 (and at seed 0 one episode of 48 succeeded); after 150, each
+    iteration had a mixed group at seeds 0-5."""
     runs = {}
-    s = ga.Settings(**{**TINY, "sft_steps": 40, "sft_batch": 64, "iters": 3, "eval_every": 3})
+    s = ga.Settings(**{**TINY, "sft_steps": 150, "sft_batch": 64, "iters": 3, "eval_every": 3})
     model, tokenizer = ga.load_policy(s, torch.device("cpu"))
     start = ga.warm_start(model.eval(), tokenizer, s, log=lambda *_: None)  # shared by the runs
     for w in (0.0, 1.0, None):
