@@ -1054,8 +1054,8 @@ def observation_pairs(n: int, seed: int = 0):
 
 
 def test_coupling_probe_identical_states_and_a_real_sgd_step(tiny):
-    """coupling_ratio = <g_good, g_flawed> / |g_good|^2 must predict what one real small SGD step
-    along g_good does: d log pi(a|s_flawed) / d log pi(a|s_good)."""
+    """coupling_ratio = <g_good, g_flawed> / |g_good|^2 must predict what real small SGD steps
+    along g_good do: d log pi(a|s_flawed) / d log pi(a|s_good)."""
     s, model, tokenizer = tiny
     layout = toy_env.coupled_pairs("train", 1, seed=0)[0][0]
     action = toy_env.GridWorld.from_string(layout).good_actions()[0]
@@ -1064,18 +1064,22 @@ def test_coupling_probe_identical_states_and_a_real_sgd_step(tiny):
         assert abs(same[key] - 1) < 1e-5, key
     for pair in observation_pairs(4):
         predicted = ga.coupling_probe(model, tokenizer, [pair])["coupling_ratio"]
-        stepped = copy.deepcopy(model)
-        before = ga.action_logprobs(stepped, tokenizer, list(pair[:2]), [pair[2]] * 2)
-        grads = torch.autograd.grad(before[0], list(stepped.parameters()))
-        with torch.no_grad():
-            for p, g in zip(stepped.parameters(), grads):
-                p.add_(g, alpha=1e-3)
-            after = ga.action_logprobs(stepped, tokenizer, list(pair[:2]), [pair[2]] * 2)
-        change = (after - before).detach()
-        # tight: the twins' gradients are so alike that a wrong normaliser (|g_flawed|^2) is only
-        # ~0.01-0.03 off
+        before = ga.action_logprobs(model, tokenizer, list(pair[:2]), [pair[2]] * 2)
+        grads = torch.autograd.grad(before[0], list(model.parameters()))
+        after = {}
+        for sign in (1, -1):  # a step up and a step down: their difference has no 2nd-order term
+            stepped = copy.deepcopy(model)
+            with torch.no_grad():
+                for p, g in zip(stepped.parameters(), grads):
+                    p.add_(g, alpha=sign * 1e-4)
+                after[sign] = ga.action_logprobs(stepped, tokenizer, list(pair[:2]), [pair[2]] * 2)
+        change = after[1] - after[-1]  # (2,) the good twin's, then the flawed twin's
         ratio = float(change[1] / change[0])
-        assert abs(ratio - predicted) < 0.005, (ratio, predicted)
+        # |g_good|^2 is ~300 here: one step of 1e-3 moved log pi by ~0.3, and its second-order
+        # term put the ratio up to 0.011 off over torch seeds 0-5 (the old bar, 0.005, failed at
+        # seeds 2, 4 and 5). Steps of +-1e-4: at most 2e-5 off. A wrong normaliser
+        # (|g_flawed|^2) is 0.008 off here (seen red).
+        assert abs(ratio - predicted) < 1e-3, (ratio, predicted)
 
 
 def test_coupling_probe_with_a_zero_gradient_gives_nan_not_an_exception(tiny):
@@ -1198,8 +1202,10 @@ def test_a_warm_start_keeps_its_weights_while_the_model_it_came_from_trains(tmp_
     start = ga.warm_start(model.eval(), tokenizer, s, log=lambda *_: None)
     kept = {k: v.clone() for k, v in start["policy"].items()}
     ga.train(model, tokenizer, s, str(tmp_path), lambda *_: None, start=start)
+    with torch.no_grad():  # the model moves, whatever RL did (at torch seed 4 every group tied)
+        for weight in model.parameters():
+            weight.add_(1.0)
     assert all(torch.equal(kept[k], v) for k, v in start["policy"].items())
-    assert not all(torch.equal(kept[k], v) for k, v in model.state_dict().items())  # it trained
 
 
 def bpe_gpt2():
@@ -1245,7 +1251,9 @@ def test_byte_level_bpe_model_trains_end_to_end(tmp_path):
     model, tokenizer, summary = train(s, tmp_path, labeller=experiments.oracle_labelled_pairs)
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 3 and all(np.isfinite(r["loss"]) for r in rows if r["loss"] is not None)
-    assert max(r["valid_frac"] for r in rows) > 0.25  # the multi-token action format is written
+    # The multi-token action format is written: 0.00 without the warm-up; 0.33 to 0.55 over torch
+    # seeds 0-5 with it (0.33 sat a whisker above the 0.25 once asserted).
+    assert max(r["valid_frac"] for r in rows) > 0.1
     prompts, actions, labels = coupled_examples(
         tokenizer, toy_env.coupled_pairs("train", 2, seed=0)
     )
@@ -1256,7 +1264,12 @@ def test_byte_level_bpe_model_trains_end_to_end(tmp_path):
 def test_short_seeded_run_improves_over_the_untrained_and_the_warm_started_policy(tmp_path):
     """RL itself must learn, not only the warm-up (measured: 0.00 untrained, 0.19 after the
     warm-up, 0.88 after 20 GRPO iterations). Bug caught: an update that does not follow the
-    advantage (a sign error, a mask on the prompt), which the warm-up alone would hide."""
+    advantage (a sign error, a mask on the prompt), which the warm-up alone would hide.
+
+    How much 20 iterations add rides on the path: over torch seeds 0-5, at the default lr 5e-4
+    (warm-up 10) the gain was 0.12 to 0.69 against the 0.4 once asserted (4 seeds of 6 failed).
+    At lr 1e-3 (warm-up 5): 0.25 to 0.69, from warm-ups at 0.19 to 0.50; the bar is 2 layouts
+    of 16 (a no-op update gains exactly 0, a sign error loses)."""
     s = ga.Settings(
         iters=20,
         train_tasks=16,
@@ -1269,12 +1282,15 @@ def test_short_seeded_run_improves_over_the_untrained_and_the_warm_started_polic
         probe_states=4,
         tiny_layers=2,
         tiny_dim=64,
+        lr=1e-3,
+        lr_warmup_iters=5,
     )
     model, tokenizer = ga.load_policy(s, torch.device("cpu"))
     untrained = greedy_success(model, tokenizer, ga.task_sets(16, 16, 0)[1]["train"])
     _, _, summary = train(s, tmp_path)
     warm_started = summary["start"]["eval_train_success"]
-    assert warm_started >= untrained and summary["eval_train_success"] >= warm_started + 0.4
+    gain = summary["eval_train_success"] - warm_started
+    assert warm_started >= untrained and gain >= 2 / 16, (untrained, warm_started, gain)
 
 
 # ---- the command line ---------------------------------------------------------------------------
@@ -1731,9 +1747,12 @@ def test_gigpo_step_advantages_of_a_hand_made_group_with_shared_states():
 
 
 def test_step_credit_coef_0_trains_exactly_like_grpo(tmp_path):
-    """w = 0 must reproduce GRPO exactly; w = 1 must change the run (else the flag is dead)."""
+    """w = 0 must reproduce GRPO exactly; w = 1 must change the run (else the flag is dead).
+    Step credit needs a success to differ: after 40 warm-up steps every group of every
+    iteration tied at torch seed 4 (and at seed 0 one episode of 48 succeeded); after 150, each
+    iteration had a mixed group at seeds 0-5."""
     runs = {}
-    s = ga.Settings(**{**TINY, "sft_steps": 40, "sft_batch": 64, "iters": 3, "eval_every": 3})
+    s = ga.Settings(**{**TINY, "sft_steps": 150, "sft_batch": 64, "iters": 3, "eval_every": 3})
     model, tokenizer = ga.load_policy(s, torch.device("cpu"))
     start = ga.warm_start(model.eval(), tokenizer, s, log=lambda *_: None)  # shared by the runs
     for w in (0.0, 1.0, None):
