@@ -890,6 +890,8 @@ def verdict_logits(
     PromptFormat). Column c is label c. A verdict of several tokens scores the sum of their
     log-probs; when each is one token, both are read at the one position after the query, one
     forward with the logits of that position alone."""
+    if not prompts:
+        raise ValueError("no (state, move) pairs to judge: the verdict needs at least one")
     fmt = prompt_format(tokenizer, chat)
     if fmt.verdicts[BAD] == fmt.verdicts[GOOD] or tokenizer.unk_token_id in sum(fmt.verdicts, []):
         raise ValueError("the tokenizer cannot write the verdict words: add them to its vocabulary")

@@ -1,6 +1,6 @@
 """Tests as documentation: hand-computed math, env rules, masking, batching, and runs of the CLI.
 
-Run:  python -m pytest -q test_grpo_agentic.py      (about 110 s on 2 CPU cores)
+Run:  python -m pytest -q test_grpo_agentic.py      (1-2 minutes on 2 CPU cores)
 Where a docstring says "Bug caught", the test was seen to fail with that bug put in on purpose.
 """
 
@@ -2557,3 +2557,11 @@ def test_train_runs_an_environment_without_oracle_labels(tmp_path, monkeypatch):
     assert any("good - |" in line for line in lines)  # the iteration's line
     rendered = [line for line in lines if "moves: '" in line]  # the sampled episode
     assert rendered and not any("'+" in x or "'-" in x for x in rendered), rendered
+
+
+def test_classification_on_no_pairs_says_so(tiny):
+    """Found by the traps review: classification_loss on an empty pair set crashed with 'max()
+    arg is an empty sequence' deep in the padding, before any check could speak."""
+    s, model, tokenizer = tiny
+    with pytest.raises(ValueError, match="no \\(state, move\\) pairs"):
+        ga.classification_loss(model, tokenizer, [], [], torch.zeros(0, dtype=torch.long))
