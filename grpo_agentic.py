@@ -820,8 +820,9 @@ def grpo_loss(
     kl_coef: float = 0.0,
 ):
     """PPO-clipped surrogate over the action tokens, token-level average, plus an optional KL.
-    logp, old_logp, ref_logp and action_mask are (N, T); advantages (N,). Sums run over the
-    action tokens t only (action_mask_t = 1), and n_tok is their count:
+    logp, old_logp, ref_logp and action_mask are (N, K), the action columns of
+    action_token_logprobs (any (N, T) layout with its mask works the same); advantages (N,). Sums
+    run over the action tokens t only (action_mask_t = 1), and n_tok is their count:
 
         ratio_t = exp(logp_t - old_logp_t)
         L_pg    = -(1 / n_tok) * sum_t min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps) * A)
@@ -829,8 +830,8 @@ def grpo_loss(
         L       = L_pg + kl_coef * KL
 
     The KL is Schulman's k3 estimator of KL(pi || pi_ref). Normaliser: every action token of the
-    minibatch weighs the same, however the tokens split into moves and episodes. Prompt and padding
-    positions are left out before any exp, so an untrained position can never overflow into NaN.
+    minibatch weighs the same, however the tokens split into moves and episodes. Masked positions
+    (a shorter action's padding) are left out before any exp, so they can never overflow into NaN.
     Returns (L, info): info["pg_loss"] is L_pg alone, info["ratio_dev"] = max_t |ratio_t - 1|
     (0 when the sampler and the scorer agree)."""
     # Constants, or the ratio is 1 through the graph and the surrogate's gradient about 0:
