@@ -670,7 +670,8 @@ def rollout(
     [system: CHAT_SYSTEM] + [user: observation, assistant: move] per past turn + [user: now],
     assembled from ids (chat_format); else plain text. `sample` (default: generate_actions) has
     its signature (the lab's self-check wraps it). Each step's info is kept with its move, never
-    trained on."""
+    trained on. For GRPO pass the envs group-major (a task's G episodes side by side), so that
+    rewards.view(B, G) holds one group per row, as move_advantages reads it."""
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no end-of-text token: set one (moves end with it)")
     if max_action_tokens < getattr(parse, "tokens_needed", 0):
