@@ -174,10 +174,11 @@ def oracle_labelled_pairs(moves: list, advantages: torch.Tensor, tokenizer, chat
     (prompts, actions, labels). With history a prompt is a (history, observation) pair: the verdict
     is read in the context the move was made in, and a cell reached along several paths appears
     once per path. `advantages` is not used; `chat`: the moves in the chat format."""
+    fmt, _ = ga.toy_formats(tokenizer, chat)
     states = {tuple(m.prompt_ids): m.info["good_actions"] for m in moves}  # distinct visited states
     pairs = [(state, a) for state in states for a in toy_env.ACTIONS]
     prompts = [list(state) for state, _ in pairs]
-    actions = [ga.action_ids_for(tokenizer, a, chat) for _, a in pairs]
+    actions = [ga.action_ids_for(tokenizer, a, fmt) for _, a in pairs]
     labels = torch.tensor([int(a in states[state]) for state, a in pairs], dtype=torch.long)
     return prompts, actions, labels
 
@@ -271,7 +272,8 @@ def flawed_mass(model, tokenizer, probe: list[tuple[str, list[str]]], chat: bool
     p_flawed_max = mean_s max_{a flawed} pi(a|s)        the single most likely flawed move"""
     observations = [o for o, _ in probe for _ in toy_env.ACTIONS]
     moves = list(toy_env.ACTIONS) * len(probe)
-    logps = ga.action_logprobs(model, tokenizer, observations, moves, chat)  # (S * 4,)
+    fmt, _ = ga.toy_formats(tokenizer, chat)
+    logps = ga.text_action_logprobs(model, tokenizer, observations, moves, fmt)  # (S * 4,)
     p = logps.exp().view(len(probe), -1)  # (S, 4)
     good = [[a in g for a in toy_env.ACTIONS] for _, g in probe]
     good = torch.tensor(good, device=p.device)  # (S, 4)
@@ -298,9 +300,9 @@ def after_bump_prompts(
 ) -> list[list[int]]:
     """Prompts right after a bump, one per (observation, move) pair where the move bumps into a
     wall: that observation and that move as the last turn, then the same observation again."""
-    fmt = ga.prompt_format(tokenizer, chat)
+    fmt, _ = ga.toy_formats(tokenizer, chat)
     seen = ga.encode_observations(tokenizer, [o for o, _ in bumps])
-    written = [ga.action_ids_for(tokenizer, a, chat) for _, a in bumps]
+    written = [ga.action_ids_for(tokenizer, a, fmt) for _, a in bumps]
     return [ga.history_prompt(fmt, [(o, a)], o, history) for o, a in zip(seen, written)]
 
 
@@ -316,8 +318,9 @@ def repeat_probability(
     With history = 0 the prompt is the observation alone: nothing tells the policy it just bumped,
     and p_repeat is the probability of the move at that state."""
     prompts = after_bump_prompts(tokenizer, bumps, history, chat)
-    written = [ga.action_ids_for(tokenizer, a, chat) for _, a in bumps]
-    logps = ga.sequence_logprobs(model, prompts, written, tokenizer.pad_token_id, 1.0)  # (S,)
+    fmt, _ = ga.toy_formats(tokenizer, chat)
+    written = [ga.action_ids_for(tokenizer, a, fmt) for _, a in bumps]
+    logps = ga.action_logprobs(model, prompts, written, tokenizer.pad_token_id, 1.0)  # (S,)
     return logps.exp().mean().item()
 
 
@@ -371,8 +374,11 @@ def lab_probes(s: ga.Settings, self_check: int) -> list:
         if not self_check or it != s.iters:
             return {}
 
+        _, verdict = ga.toy_formats(tokenizer, s.chat)
+        pad = tokenizer.pad_token_id
+
         def judge(prompts, actions):
-            return ga.verdict_is_good(model, tokenizer, prompts, actions, s.chat).tolist()
+            return ga.verdict_is_good(model, prompts, actions, verdict, pad).tolist()
 
         sample = self_checking(judge, self_check)
         _, rewards, _ = ga.greedy_episodes(model, tokenizer, eval_sets["held_out"], s, sample)
@@ -386,10 +392,11 @@ def lab_probes(s: ga.Settings, self_check: int) -> list:
         pairs = [b[:2] for b in bumps]
         prompts = after_bump_prompts(tokenizer, pairs, s.history, s.chat)
         good_moves = [good for _, _, good in bumps]
+        fmt, verdict = ga.toy_formats(tokenizer, s.chat)
         return {
             "p_repeat_bump": repeat_probability(model, tokenizer, pairs, s.history, s.chat),
             "cls_bacc_after_bump": ga.classification_bacc(
-                model, tokenizer, prompts, good_moves, s.chat
+                model, tokenizer, prompts, good_moves, fmt, verdict
             ),
         }
 
@@ -1148,8 +1155,11 @@ def self_check_control(run_dir: str) -> dict:
         sample = self_checking(judge, extra.self_check) if judge else None
         return ga.greedy_episodes(model, tokenizer, layouts, s, sample)[1].mean().item()
 
+    _, verdict_format = ga.toy_formats(tokenizer, s.chat)
+
     def verdict(prompts, actions):
-        ok = ga.verdict_is_good(model, tokenizer, prompts, actions, s.chat).tolist()
+        pad = tokenizer.pad_token_id
+        ok = ga.verdict_is_good(model, prompts, actions, verdict_format, pad).tolist()
         counts["judged"] += len(ok)
         counts["rejected"] += ok.count(False)
         return ok
@@ -1210,14 +1220,15 @@ def probe_rows(model, tokenizer, s: ga.Settings) -> dict:
         (observation(layouts[2 * k]), observation(layouts[2 * k + 1]), a)
         for k, (_, _, a) in enumerate(triples)
     ]
+    fmt, _ = ga.toy_formats(tokenizer, s.chat)
     rows = {
-        "coupled": ga.coupling_probe(model, tokenizer, coupled, s.chat),
-        "unrelated": ga.coupling_probe(model, tokenizer, unrelated, s.chat),
+        "coupled": ga.coupling_probe(model, tokenizer, coupled, fmt),
+        "unrelated": ga.coupling_probe(model, tokenizer, unrelated, fmt),
     }
     params = list(model.parameters())
 
     def grad(obs, action):
-        logp = ga.action_logprobs(model, tokenizer, [obs], [action], s.chat)[0]
+        logp = ga.text_action_logprobs(model, tokenizer, [obs], [action], fmt)[0]
         return torch.cat([g.flatten() for g in torch.autograd.grad(logp, params)])
 
     cosines = []
@@ -1259,9 +1270,25 @@ def label_noise(run_dir: str, iters: int = 20) -> str:
     pool, _ = ga.task_sets(s.train_tasks, s.eval_tasks, s.data_seed)
     rng = np.random.default_rng(s.seed)
     generator = torch.Generator().manual_seed(s.seed)
+    fmt, _ = ga.toy_formats(tokenizer, s.chat)
+    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS, fmt)
     counts = np.zeros((2, 2), dtype=int)  # [label good?][oracle good?]
     for _ in range(iters):
-        moves, rewards, _ = ga.sample_iteration(model, tokenizer, pool, s, rng, generator)
+        picked = rng.choice(len(pool), size=s.tasks_per_iter, replace=False)  # (B,)
+        groups = [
+            [toy_env.GridWorld.from_string(pool[b]) for _ in range(s.group_size)] for b in picked
+        ]
+        moves, rewards = ga.rollout(
+            model,
+            tokenizer,
+            groups,
+            parse,
+            max_action_tokens=s.max_action_tokens,
+            temperature=s.temperature,
+            fmt=fmt,
+            generator=generator,
+            history=s.history,
+        )  # rewards (B, G)
         advantages = ga.move_advantages(rewards, [m.episode for m in moves])
         for m, a in zip(moves, advantages.tolist()):
             if a != 0:
@@ -1291,7 +1318,9 @@ def greedy_with_bump_memory(model, tokenizer, layouts: list[str], memory: bool) 
     while live:
         observations = [envs[i].observation() for i in live for _ in toy_env.ACTIONS]
         moves = list(toy_env.ACTIONS) * len(live)
-        logps = ga.action_logprobs(model, tokenizer, observations, moves).view(len(live), -1)
+        fmt = ga.plain_format(tokenizer)
+        logps = ga.text_action_logprobs(model, tokenizer, observations, moves, fmt)
+        logps = logps.view(len(live), -1)  # (episodes, 4)
         for k, i in enumerate(live):
             cell = envs[i].pos
             ranked = [toy_env.ACTIONS[j] for j in logps[k].argsort(descending=True).tolist()]
@@ -1368,8 +1397,17 @@ def rollout_speed(rounds: int = 9, other_file: str | None = None) -> str:
     parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS)
 
     def play(picked, model, generator, history):
-        envs = [toy_env.GridWorld.from_string(x) for x in picked for _ in range(8)]
-        return ga.rollout(model, tokenizer, envs, parse, 4, 1.0, generator=generator, **history)[0]
+        groups = [[toy_env.GridWorld.from_string(x) for _ in range(8)] for x in picked]
+        return ga.rollout(
+            model,
+            tokenizer,
+            groups,
+            parse,
+            max_action_tokens=4,
+            temperature=1.0,
+            generator=generator,
+            **history,
+        )[0]
 
     variants = {}
     for h in dict.fromkeys((0, 2, longest)):
@@ -1423,6 +1461,7 @@ def update_cost(
     to measure instead (e.g. e8289d7's, which scored the whole vocabulary at every position); run
     each version in its own process."""
     import importlib.util
+    import inspect
     import resource
     import statistics
     import time
@@ -1476,10 +1515,11 @@ def update_cost(
         saved_logits.clear()  # storages are freed after each update and their addresses reused
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
         t = time.perf_counter()
+        before_tokenizer = "pad_id" not in inspect.signature(module.grpo_update).parameters
+        head = (model, pad) if before_tokenizer else (model,)  # versions before 2026-12 take one
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
             stats = module.grpo_update(
-                model,
-                pad,
+                *head,
                 prompts,
                 actions,
                 old,
@@ -1488,6 +1528,7 @@ def update_cost(
                 np.random.default_rng(r),
                 temperature=1.0,
                 minibatch_moves=moves,
+                **({} if before_tokenizer else {"pad_id": 0}),
             )
         seconds.append(time.perf_counter() - t)
         kept_logits = max(kept_logits, sum(saved_logits.values()))

@@ -39,6 +39,13 @@ WALL, FLOOR, AGENT, GOAL = "#", ".", "A", "G"
 PROMPT_END = "action:"
 # Every word an observation or an action can contain: the word-level tokenizer is built from it.
 VOCABULARY = (WALL, FLOOR, AGENT, GOAL, "\n", PROMPT_END) + ACTIONS
+# The task in words, as the system turn of a chat prompt (instruct models): the environment's own
+# text, so a trainer given another environment never puts this one's rules into its prompts.
+CHAT_SYSTEM = (
+    "You move the agent A on a grid to the goal G. '#' is a wall, '.' is floor, and everything "
+    "outside the grid is wall too. Each turn you see the grid; answer with one word: up, down, "
+    "left or right."
+)
 
 # Same grid size in both splits (the tiny model learns absolute positions), but held-out layouts are
 # denser in walls, so detours are needed more often: our out-of-domain tasks. The wall-count ranges
