@@ -69,6 +69,11 @@ def observation(layout: str) -> str:
     return toy_env.GridWorld.from_string(layout).observation()
 
 
+def plain_ids(tokenizer, action: str) -> list[int]:
+    """The action format's ids of a move in plain text: ' left' + end-of-text."""
+    return ga.action_ids_for(tokenizer, action, ga.plain_format(tokenizer))
+
+
 def encode_prompts(tokenizer, observations: list[str]) -> list[list[int]]:
     """Prompts with no history: the tokenizer's prefix, then the observation."""
     prefix = ga.prompt_prefix(tokenizer)
@@ -87,14 +92,24 @@ def play(
     history=0,
     sample=None,
 ):
-    """ga.rollout on toy layouts, G episodes each, group-major as ga.train plays them:
-    (moves, rewards (B, G), envs)."""
-    envs = [toy_env.GridWorld.from_string(x) for x in layouts for _ in range(group_size)]
+    """ga.rollout on toy layouts, G episodes each, in groups as ga.train plays them:
+    (moves, rewards (B, G), envs in episode order)."""
+    groups = [[toy_env.GridWorld.from_string(x) for _ in range(group_size)] for x in layouts]
     parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS)
     moves, rewards = ga.rollout(
-        model, tokenizer, envs, parse, max_tokens, temperature, greedy, generator, history, sample
+        model,
+        tokenizer,
+        groups,
+        parse,
+        max_action_tokens=max_tokens,
+        temperature=temperature,
+        greedy=greedy,
+        generator=generator,
+        history=history,
+        sample=sample,
     )
-    return moves, rewards.view(len(layouts), group_size), envs
+    assert rewards.shape == (len(layouts), group_size)
+    return moves, rewards, [env for group in groups for env in group]
 
 
 def train(s, out_dir, log=None, **extensions):
@@ -398,7 +413,7 @@ def test_action_only_scoring_equals_the_full_vocabulary_computation(tiny, temper
     s, model, tokenizer = tiny
     eos = tokenizer.eos_token_id
     prompts = encode_prompts(tokenizer, [observation(x) for x in mixed_layouts()[1:6]])
-    actions = [ga.action_ids_for(tokenizer, a) for a in ("up", "left", "down", "right", "up")]
+    actions = [plain_ids(tokenizer, a) for a in ("up", "left", "down", "right", "up")]
     actions[1] = actions[1][:-1]  # a move the token budget cut off: one token shorter
     actions[4] = [actions[4][0]] * 3 + [eos]  # 'up up up' + end-of-text: off-format, longer
     assert len({len(p) for p in prompts}) == 2 and len({len(a) for a in actions}) == 3
@@ -409,8 +424,8 @@ def test_action_only_scoring_equals_the_full_vocabulary_computation(tiny, temper
     for i, tokens in enumerate(expected):
         assert np.allclose(logp[i][on_action[i]].tolist(), tokens, atol=1e-5)
         assert (logp[i][~on_action[i]] == 0).all()
-    batched = ga.sequence_logprobs(model, prompts, actions, eos, 1.0)
-    one_by_one = [ga.sequence_logprobs(model, [p], [a], eos, 1.0) for p, a in zip(prompts, actions)]
+    batched = ga.action_logprobs(model, prompts, actions, eos, 1.0)
+    one_by_one = [ga.action_logprobs(model, [p], [a], eos, 1.0) for p, a in zip(prompts, actions)]
     assert torch.allclose(batched, torch.cat(one_by_one), atol=1e-5)
 
 
@@ -453,13 +468,13 @@ def test_the_update_keeps_no_vocabulary_sized_tensor_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         stats = ga.grpo_update(
             model,
-            SimpleNamespace(pad_token_id=0),
             prompts,
             actions,
             old,
             torch.linspace(-1.0, 1.0, moves) + 0.01,
             torch.optim.SGD(model.parameters(), lr=0.0),
             np.random.default_rng(0),
+            pad_id=0,
             temperature=1.0,
             minibatch_moves=moves,
         )
@@ -638,26 +653,27 @@ def test_rollout_plays_any_environment_with_reset_and_step(tiny):
     s, _, tokenizer = tiny
     script = {"action:": "right", "right": tokenizer.eos_token}  # always writes ' right' + eos
     policy = ScriptedLM(tokenizer, script=script)
-    right = ga.action_ids_for(tokenizer, "right")
+    right = plain_ids(tokenizer, "right")
 
     def only_right(ids):
         return "right" if ids == right else None
 
-    envs = [Corridor(), Corridor()]
-    moves, rewards = ga.rollout(policy, tokenizer, envs, only_right, 4, 1.0, greedy=True)
-    assert rewards.tolist() == [1.0, 1.0]  # 2 -> 3 -> 4 in two steps each
+    groups = [[Corridor(), Corridor()]]  # one task, G = 2
+    budget = dict(max_action_tokens=4, temperature=1.0, greedy=True)
+    moves, rewards = ga.rollout(policy, tokenizer, groups, only_right, **budget)
+    assert rewards.tolist() == [[1.0, 1.0]]  # 2 -> 3 -> 4 in two steps each
     assert [m.episode for m in moves] == [0, 1, 0, 1] and all(m.action == "right" for m in moves)
     assert [m.info["steps"] for m in moves] == [1, 1, 2, 2]
     assert moves[2].observation_ids == tokenizer(". . . A .\naction:")["input_ids"]
-    never = ga.rollout(policy, tokenizer, [Corridor()], lambda ids: None, 4, 1.0, greedy=True)
-    assert never[1].tolist() == [0.0] and len(never[0]) == 3  # off-format: ends at 3 steps
+    never = ga.rollout(policy, tokenizer, [[Corridor()]], lambda ids: None, **budget)
+    assert never[1].tolist() == [[0.0]] and len(never[0]) == 3  # off-format: ends at 3 steps
 
 
 def signal_moves(model, tokenizer, layouts, actions):
     """prompts, action ids and recorded log-probs, as if the policy had written `actions` (one
     action format) at the layouts' start states."""
     prompts = encode_prompts(tokenizer, [observation(x) for x in layouts])
-    ids = [ga.action_ids_for(tokenizer, a) for a in actions]
+    ids = [plain_ids(tokenizer, a) for a in actions]
     with torch.no_grad():
         logp, on_action = ga.action_token_logprobs(model, prompts, ids, tokenizer.pad_token_id, 1.0)
     return prompts, ids, [logp[k][on_action[k]].tolist() for k in range(len(ids))]
@@ -672,13 +688,21 @@ def test_one_update_raises_logp_of_a_positive_advantage_move_and_lowers_a_negati
 
     def logps():
         with torch.no_grad():
-            return ga.sequence_logprobs(model, prompts[:2], actions[:2], 0, 1.0)
+            return ga.action_logprobs(model, prompts[:2], actions[:2], 0, 1.0)
 
     before = logps()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     rng = np.random.default_rng(0)
     stats = ga.grpo_update(
-        model, tokenizer, prompts, actions, old, advantages, optimizer, rng, temperature=1.0
+        model,
+        prompts,
+        actions,
+        old,
+        advantages,
+        optimizer,
+        rng,
+        pad_id=tokenizer.pad_token_id,
+        temperature=1.0,
     )
     after = logps()
     assert after[0] > before[0] and after[1] < before[1]
@@ -701,13 +725,13 @@ def test_kl_on_adds_a_kl_term_and_nothing_else(tiny):
         policy = copy.deepcopy(model)
         stats = ga.grpo_update(
             policy,
-            tokenizer,
             prompts,
             actions,
             old,
             advantages,
             torch.optim.SGD(policy.parameters(), lr=0.1),
             np.random.default_rng(0),
+            pad_id=tokenizer.pad_token_id,
             temperature=1.0,
             minibatch_moves=10_000,
             ref_model=copy.deepcopy(model) if kl_coef else None,
@@ -726,50 +750,63 @@ def test_core_functions_take_plain_arguments_and_run_on_a_bpe_gpt2(monkeypatch):
     tokenizer, model = bpe_gpt2()
     monkeypatch.setattr(ga, "Settings", None)  # any use of Settings now raises
     layouts = toy_env.sample_layouts("train", 3, seed=0)
-    losses = ga.sft_warmup(model, tokenizer, layouts, 3, 1e-3, 8, np.random.default_rng(0))
+    fmt, verdict = ga.plain_format(tokenizer), ga.plain_verdict(tokenizer)
+    pad = tokenizer.pad_token_id
+    losses = ga.sft_warmup(model, tokenizer, layouts, 3, 1e-3, 8, np.random.default_rng(0), fmt)
     assert len(losses) == 3
     model.eval()
     generator = torch.Generator().manual_seed(0)
     prompts = encode_prompts(tokenizer, [observation(x) for x in layouts])
     ids, logps, texts = ga.generate_actions(model, tokenizer, prompts, 6, 1.0, False, generator)
     assert len(ids) == len(logps) == len(texts) == 3
-    envs = [toy_env.GridWorld.from_string(x) for x in layouts for _ in range(2)]
-    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS)
-    moves, rewards = ga.rollout(model, tokenizer, envs, parse, 6, 1.0, generator=generator)
-    assert rewards.shape == (6,)
+    groups = [[toy_env.GridWorld.from_string(x) for _ in range(2)] for x in layouts]
+    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS, fmt)
+    moves, rewards = ga.rollout(
+        model,
+        tokenizer,
+        groups,
+        parse,
+        max_action_tokens=6,
+        temperature=1.0,
+        fmt=fmt,
+        generator=generator,
+    )
+    assert rewards.shape == (3, 2)
     prompts = [m.prompt_ids for m in moves]
     actions = [m.action_ids for m in moves]
-    advantages = ga.move_advantages(rewards.view(3, 2), [m.episode for m in moves])
+    advantages = ga.move_advantages(rewards, [m.episode for m in moves])
     advantages = advantages + torch.linspace(-1, 1, len(moves))  # some signal whatever happened
     labelled = ga.advantage_labelled_pairs(prompts, actions, advantages)
     optimizer = torch.optim.AdamW(model.parameters(), lr=ga.learning_rate(1, 1e-3, 2, 10))
     old = [m.sample_logps for m in moves]
+    rng = np.random.default_rng(0)
     stats = ga.grpo_update(
         model,
-        tokenizer,
         prompts,
         actions,
         old,
         advantages,
         optimizer,
-        np.random.default_rng(0),
+        rng,
+        pad_id=pad,
         temperature=1.0,
         ref_model=copy.deepcopy(model),
         kl_coef=0.1,
-        cls_set=labelled,
-        cls_coef=0.5,
+        aux_loss=ga.verdict_aux_loss(model, *labelled, verdict, pad, rng),
+        aux_coef=0.5,
     )
     assert math.isfinite(stats["loss"]) and stats["ratio_dev_first"] < 1e-4
-    scores = ga.verdict_logits(model, tokenizer, prompts[:3], actions[:3])
+    assert math.isfinite(stats["aux_loss"])
+    scores = ga.verdict_logprobs(model, prompts[:3], actions[:3], verdict, pad)
     assert scores.shape == (3, 2) and torch.isfinite(scores).all()
     pairs = [
         (observation(g), observation(f), a) for g, f, a in toy_env.coupled_pairs("train", 2, 0)
     ]
-    probe = ga.coupling_probe(model, tokenizer, pairs)
+    probe = ga.coupling_probe(model, tokenizer, pairs, fmt)
     assert -1 <= probe["coupling_cos"] <= 1
     good_moves = [toy_env.GridWorld.from_string(x).good_actions() for x in layouts]
     starts = encode_prompts(tokenizer, [observation(x) for x in layouts])
-    assert 0 <= ga.classification_bacc(model, tokenizer, starts, good_moves) <= 1
+    assert 0 <= ga.classification_bacc(model, tokenizer, starts, good_moves, fmt, verdict) <= 1
 
 
 def test_generation_holds_no_more_positions_than_the_model_has(tmp_path, capsys):
@@ -824,7 +861,7 @@ def scripted_policy(tokenizer, pick):
             grid = tokenizer.decode(prompt[-21:]).replace(" ", "").split("action:")[0]
             env = toy_env.GridWorld.from_string(grid, max_steps=99)
             move = pick(env, env.start)
-            ids.append(ga.action_ids_for(tokenizer, move) if move else [tokenizer.eos_token_id])
+            ids.append(plain_ids(tokenizer, move) if move else [tokenizer.eos_token_id])
             texts.append(f" {move}" if move else "")
         return ids, [[0.0] * len(a) for a in ids], texts
 
@@ -847,7 +884,7 @@ def test_history_prompt_holds_the_last_h_turns_as_exact_ids(monkeypatch):
     seen, written = [], []
     for m in moves:  # replay: what the agent saw and wrote at each turn
         seen.append(tokenizer(env.observation(), add_special_tokens=False)["input_ids"])
-        written.append(ga.action_ids_for(tokenizer, m.action))
+        written.append(plain_ids(tokenizer, m.action))
         env.step(m.action)
     for t, m in enumerate(moves):
         expected = []
@@ -1002,14 +1039,15 @@ def test_bump_memory_yardstick_skips_only_moves_that_bumped_at_this_cell(monkeyp
     Bug caught: memory kept per episode but not per cell (it would skip down at every later
     cell), or none at all."""
 
-    def ranked(model, tokenizer, observations, moves):
+    def ranked(model, tokenizer, observations, moves, fmt):
         order = {"down": 0.0, "right": -1.0, "left": -2.0, "up": -3.0}
         return torch.tensor([order[m] for m in moves])
 
-    monkeypatch.setattr(ga, "action_logprobs", ranked)
+    monkeypatch.setattr(ga, "text_action_logprobs", ranked)
     layouts = [".A..\n.#..\n....\n...G"]
-    assert experiments.greedy_with_bump_memory(None, None, layouts, memory=False) == 0.0
-    assert experiments.greedy_with_bump_memory(None, None, layouts, memory=True) == 1.0
+    tokenizer = ga.build_word_tokenizer()  # for the prompt format; no model is ever called
+    assert experiments.greedy_with_bump_memory(None, tokenizer, layouts, memory=False) == 0.0
+    assert experiments.greedy_with_bump_memory(None, tokenizer, layouts, memory=True) == 1.0
 
 
 # ---- the paper's analysis (Lemma 3.1, Theorem 3.2, gradient coupling) ---------------------------
@@ -1057,14 +1095,16 @@ def test_coupling_probe_identical_states_and_a_real_sgd_step(tiny):
     """coupling_ratio = <g_good, g_flawed> / |g_good|^2 must predict what real small SGD steps
     along g_good do: d log pi(a|s_flawed) / d log pi(a|s_good)."""
     s, model, tokenizer = tiny
+    fmt = ga.plain_format(tokenizer)
     layout = toy_env.coupled_pairs("train", 1, seed=0)[0][0]
     action = toy_env.GridWorld.from_string(layout).good_actions()[0]
-    same = ga.coupling_probe(model, tokenizer, [(observation(layout), observation(layout), action)])
+    twins = [(observation(layout), observation(layout), action)]
+    same = ga.coupling_probe(model, tokenizer, twins, fmt)
     for key in ("coupling_cos", "hidden_cos", "hidden_cos_move", "coupling_ratio"):
         assert abs(same[key] - 1) < 1e-5, key
     for pair in observation_pairs(4):
-        predicted = ga.coupling_probe(model, tokenizer, [pair])["coupling_ratio"]
-        before = ga.action_logprobs(model, tokenizer, list(pair[:2]), [pair[2]] * 2)
+        predicted = ga.coupling_probe(model, tokenizer, [pair], fmt)["coupling_ratio"]
+        before = ga.text_action_logprobs(model, tokenizer, list(pair[:2]), [pair[2]] * 2, fmt)
         grads = torch.autograd.grad(before[0], list(model.parameters()))
         after = {}
         for sign in (1, -1):  # a step up and a step down: their difference has no 2nd-order term
@@ -1072,7 +1112,9 @@ def test_coupling_probe_identical_states_and_a_real_sgd_step(tiny):
             with torch.no_grad():
                 for p, g in zip(stepped.parameters(), grads):
                     p.add_(g, alpha=sign * 1e-4)
-                after[sign] = ga.action_logprobs(stepped, tokenizer, list(pair[:2]), [pair[2]] * 2)
+                after[sign] = ga.text_action_logprobs(
+                    stepped, tokenizer, list(pair[:2]), [pair[2]] * 2, fmt
+                )
         change = after[1] - after[-1]  # (2,) the good twin's, then the flawed twin's
         ratio = float(change[1] / change[0])
         # |g_good|^2 is ~300 here: one step of 1e-3 moved log pi by ~0.3, and its second-order
@@ -1085,7 +1127,8 @@ def test_coupling_probe_identical_states_and_a_real_sgd_step(tiny):
 def test_coupling_probe_with_a_zero_gradient_gives_nan_not_an_exception(tiny):
     """Bug caught: <g_good, g_flawed> / |g_good|^2 in plain Python: ZeroDivisionError."""
     s, _, tokenizer = tiny
-    probe = ga.coupling_probe(ScriptedLM(tokenizer), tokenizer, observation_pairs(2))
+    fmt = ga.plain_format(tokenizer)
+    probe = ga.coupling_probe(ScriptedLM(tokenizer), tokenizer, observation_pairs(2), fmt)
     assert math.isnan(probe["coupling_ratio"]) and math.isnan(probe["coupling_cos"])
 
 
@@ -1099,23 +1142,25 @@ def test_probes_leave_model_storage_grads_and_optimizer_untouched(tiny):
     moves, _, _ = play(model, tokenizer, mixed_layouts(), 2, 4, 1.0, generator=generator)
     ga.grpo_update(
         model,
-        tokenizer,
         [m.prompt_ids for m in moves],
         [m.action_ids for m in moves],
         [m.sample_logps for m in moves],
         torch.linspace(-1, 1, len(moves)),
         optimizer,
         np.random.default_rng(0),
+        pad_id=tokenizer.pad_token_id,
         temperature=1.0,
     )
     pointers = [p.data_ptr() for p in model.parameters()]
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.grad.clone() for p in model.parameters()]
     adam = copy.deepcopy(optimizer.state_dict())
-    ga.coupling_probe(model, tokenizer, observation_pairs(3))
+    fmt, verdict = ga.toy_formats(tokenizer, False)
+    ga.coupling_probe(model, tokenizer, observation_pairs(3), fmt)
     probe = [(observation(LAYOUT), ["right", "down"])]
     experiments.flawed_mass(model, tokenizer, probe)
-    ga.classification_bacc(model, tokenizer, encode_prompts(tokenizer, [probe[0][0]]), [["right"]])
+    prompts = encode_prompts(tokenizer, [probe[0][0]])
+    ga.classification_bacc(model, tokenizer, prompts, [["right"]], fmt, verdict)
     assert [p.data_ptr() for p in model.parameters()] == pointers
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
@@ -1229,7 +1274,7 @@ def bpe_gpt2():
 def test_byte_level_bpe_model_trains_end_to_end(tmp_path):
     """A tokenizer where moves and verdict words span several tokens, and pad = end-of-text."""
     tokenizer, model = bpe_gpt2()
-    assert any(len(ga.action_ids_for(tokenizer, a)) > 2 for a in toy_env.ACTIONS)  # >1 token + eos
+    assert any(len(plain_ids(tokenizer, a)) > 2 for a in toy_env.ACTIONS)  # >1 token + eos
     assert len(tokenizer(ga.VERDICTS[ga.GOOD], add_special_tokens=False)["input_ids"]) > 1
     model.save_pretrained(tmp_path / "m")
     tokenizer.save_pretrained(tmp_path / "m")
@@ -1257,8 +1302,10 @@ def test_byte_level_bpe_model_trains_end_to_end(tmp_path):
     prompts, actions, labels = coupled_examples(
         tokenizer, toy_env.coupled_pairs("train", 2, seed=0)
     )
-    assert ga.verdict_logits(model, tokenizer, prompts, actions).shape == (4, 2)
-    assert torch.isfinite(ga.classification_loss(model, tokenizer, prompts, actions, labels))
+    verdict, pad = ga.plain_verdict(tokenizer), tokenizer.pad_token_id
+    assert ga.verdict_logprobs(model, prompts, actions, verdict, pad).shape == (4, 2)
+    loss = ga.classification_loss(model, prompts, actions, labels, verdict, pad)
+    assert torch.isfinite(loss)
 
 
 def test_short_seeded_run_improves_over_the_untrained_and_the_warm_started_policy(tmp_path):
@@ -1767,11 +1814,11 @@ def test_self_check_resamples_rejected_moves_while_tries_remain(monkeypatch):
     The judge rejects 'up'. K = 0 is plain greedy; K = 1 takes the rejected 'up' only because the
     one try is spent; K = 2 takes 'left', the first move the judge accepts."""
     tokenizer = ga.build_word_tokenizer()
-    up = ga.action_ids_for(tokenizer, "up")
+    up = plain_ids(tokenizer, "up")
 
     def scripted(model, tokenizer_, prompts, max_tokens, temperature, greedy, generator):
         moves = ["up"] * len(prompts) if greedy else [next(resamples) for _ in prompts]
-        ids = [ga.action_ids_for(tokenizer, m) for m in moves]
+        ids = [plain_ids(tokenizer, m) for m in moves]
         return ids, [[0.0] * len(x) for x in ids], [" " + m for m in moves]
 
     judged = []
@@ -1800,7 +1847,7 @@ def test_labelled_pairs_advantage_sign_and_every_move_under_the_oracle():
     good = ("down", "right")
     moves = [
         ga.Move(
-            k, prompt, prompt, ga.action_ids_for(tokenizer, a), [], a, a, env.step(a)[3]
+            k, prompt, prompt, plain_ids(tokenizer, a), [], a, a, env.step(a)[3]
         )  # the oracle's labels in info, from the start state every time
         for k, a in enumerate(("right", "up", "down", "left"))
         if env.reset() is not None
@@ -1816,31 +1863,34 @@ def test_labelled_pairs_advantage_sign_and_every_move_under_the_oracle():
         moves, None, tokenizer
     )  # one distinct state
     assert prompts == [prompt] * 4
-    assert actions == [ga.action_ids_for(tokenizer, a) for a in toy_env.ACTIONS]
+    assert actions == [plain_ids(tokenizer, a) for a in toy_env.ACTIONS]
     assert labels.tolist() == [0, 1, 0, 1]  # up, down, left, right
     stats = ga.rollout_stats(moves, torch.tensor([[1.0, 0.0], [0.0, 0.0]]), advantages)
     assert stats["cls_label_noise"] == pytest.approx(2 / 3)  # flawed 'up' good, good 'down' bad
 
 
 def test_verdict_read_in_one_forward_equals_the_summed_log_probs_of_each_verdict():
-    """The one-forward path for one-token verdicts against sequence_logprobs of each verdict word,
+    """The one-forward path for one-token verdicts against action_logprobs of each verdict word,
     on prompts of two lengths (3x3 and 4x4 grids), so right padding is exercised. Bug caught:
     reading the last column (padding for the short prompts) instead of each row's last token."""
     model, tokenizer = ga.load_policy(ga.Settings(tiny_layers=1, tiny_dim=32), torch.device("cpu"))
     grids = [LAYOUTS_3X3[0], toy_env.sample_layouts("train", 1, seed=0)[0], LAYOUTS_3X3[1]]
     prompts = encode_prompts(tokenizer, [observation(x) for x in grids])
     assert len({len(p) for p in prompts}) == 2
-    actions = [ga.action_ids_for(tokenizer, a) for a in ("up", "left", "down")]
+    actions = [plain_ids(tokenizer, a) for a in ("up", "left", "down")]
     query = tokenizer(ga.VERDICT_QUERY, add_special_tokens=False)["input_ids"]
     asked = [p + a + query for p, a in zip(prompts, actions)]
     expected = []
     for word in ga.VERDICTS:
         ids = tokenizer(word, add_special_tokens=False)["input_ids"]
-        expected.append(ga.sequence_logprobs(model, asked, [ids] * 3, tokenizer.pad_token_id, 1.0))
+        expected.append(ga.action_logprobs(model, asked, [ids] * 3, tokenizer.pad_token_id, 1.0))
     expected = torch.stack(expected, dim=1)  # (3, 2)
-    assert torch.allclose(
-        ga.verdict_logits(model, tokenizer, prompts, actions), expected, atol=1e-5
-    )
+    verdict = ga.plain_verdict(tokenizer)
+    assert verdict.query == query and verdict.words == [
+        tokenizer(word, add_special_tokens=False)["input_ids"] for word in ga.VERDICTS
+    ]
+    scores = ga.verdict_logprobs(model, prompts, actions, verdict, tokenizer.pad_token_id)
+    assert torch.allclose(scores, expected, atol=1e-5)
 
 
 def test_a_tied_verdict_counts_as_good(tiny):
@@ -1848,10 +1898,11 @@ def test_a_tied_verdict_counts_as_good(tiny):
     as "bad" (argmax picks column 0), which would make the self-check resample every such move."""
     s, _, tokenizer = tiny
     prompts = encode_prompts(tokenizer, [observation(LAYOUT)] * 2)
-    actions = [ga.action_ids_for(tokenizer, a) for a in ("up", "left")]
-    scores = ga.verdict_logits(ScriptedLM(tokenizer), tokenizer, prompts, actions)
+    actions = [plain_ids(tokenizer, a) for a in ("up", "left")]
+    verdict, pad = ga.plain_verdict(tokenizer), tokenizer.pad_token_id
+    scores = ga.verdict_logprobs(ScriptedLM(tokenizer), prompts, actions, verdict, pad)
     assert torch.equal(scores[:, ga.BAD], scores[:, ga.GOOD])  # a real tie
-    is_good = ga.verdict_is_good(ScriptedLM(tokenizer), tokenizer, prompts, actions)
+    is_good = ga.verdict_is_good(ScriptedLM(tokenizer), prompts, actions, verdict, pad)
     assert is_good.tolist() == [True, True]
 
 
@@ -1874,7 +1925,7 @@ def coupled_examples(tokenizer, pairs):
     for good_layout, flawed_layout, action in pairs:
         for layout, label in ((good_layout, 1), (flawed_layout, 0)):
             prompts.append(encode_prompts(tokenizer, [observation(layout)])[0])
-            actions.append(ga.action_ids_for(tokenizer, action))
+            actions.append(plain_ids(tokenizer, action))
             labels.append(label)
     return prompts, actions, torch.tensor(labels)
 
@@ -1883,7 +1934,10 @@ def test_classification_adds_no_parameters_and_its_gradient_reaches_the_trunk():
     model, tokenizer = ga.load_policy(ga.Settings(tiny_layers=2, tiny_dim=32), torch.device("cpu"))
     count = sum(p.numel() for p in model.parameters())
     prompts, actions, labels = coupled_examples(tokenizer, toy_env.coupled_pairs("train", 4, 0))
-    ga.classification_loss(model, tokenizer, prompts, actions, labels).backward()
+    verdict = ga.plain_verdict(tokenizer)
+    ga.classification_loss(
+        model, prompts, actions, labels, verdict, tokenizer.pad_token_id
+    ).backward()
     assert sum(p.numel() for p in model.parameters()) == count  # read off the LM head
     first_layer = [p for n, p in model.named_parameters() if ".layers.0." in n]  # Llama's
     assert first_layer and all(p.grad.abs().sum() > 0 for p in first_layer)  # the shared trunk
@@ -1908,11 +1962,13 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
     pairs = toy_env.coupled_pairs("train", 128, seed=0)
     train_prompts, train_actions, train_labels = coupled_examples(tokenizer, pairs[:64])
     test_prompts, test_actions, test_labels = coupled_examples(tokenizer, pairs[64:])
+    verdict, pad = ga.plain_verdict(tokenizer), tokenizer.pad_token_id
     query = tokenizer(ga.VERDICT_QUERY, add_special_tokens=False)["input_ids"]
+    assert verdict.query == query
 
     def accuracy_and_pair_cosine():
         with torch.no_grad():
-            logits = ga.verdict_logits(model, tokenizer, test_prompts, test_actions)
+            logits = ga.verdict_logprobs(model, test_prompts, test_actions, verdict, pad)
             asked = [p + a + query for p, a in zip(test_prompts, test_actions)]
             ids, attention, positions = ga.left_pad(asked, tokenizer.pad_token_id, "cpu")
             out = model(
@@ -1930,7 +1986,9 @@ def test_classification_separates_good_and_bad_representations_on_unseen_pairs()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(1, 401):
         optimizer.zero_grad()
-        loss = ga.classification_loss(model, tokenizer, train_prompts, train_actions, train_labels)
+        loss = ga.classification_loss(
+            model, train_prompts, train_actions, train_labels, verdict, pad
+        )
         loss.backward()
         optimizer.step()
         if loss.item() < 0.05:
@@ -2015,13 +2073,13 @@ def test_smollm2_from_its_gguf_samples_exactly_what_the_loss_scores():
     moves = moves[:12]  # a budget: each move costs a forward and a backward of 135 M parameters
     stats = ga.grpo_update(
         model,
-        tokenizer,
         [m.prompt_ids for m in moves],
         [m.action_ids for m in moves],
         [m.sample_logps for m in moves],
         torch.linspace(-1.0, 1.0, len(moves)) + 0.01,  # every move with A != 0
         torch.optim.AdamW(model.parameters(), lr=1e-5),
         np.random.default_rng(0),
+        pad_id=tokenizer.pad_token_id,
         temperature=1.0,
     )
     assert stats["update_moves"] == len(moves) and stats["ratio_dev_first"] < 1e-4, stats
@@ -2041,7 +2099,7 @@ def chatml_tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     corpus = [observation(x) for x in toy_env.sample_layouts("train", 50, 0)]
-    corpus += [ga.CHAT_SYSTEM, ga.CHAT_VERDICT_QUESTION, "up down left right good bad"]
+    corpus += [toy_env.CHAT_SYSTEM, ga.CHAT_VERDICT_QUESTION, "up down left right good bad"]
     bpe = ByteLevelBPETokenizer()
     specials = ["<|im_start|>", "<|im_end|>"]
     bpe.train_from_iterator(corpus, vocab_size=400, min_frequency=1, special_tokens=specials)
@@ -2067,19 +2125,22 @@ def check_chat_prompts_equal_the_template(tokenizer, monkeypatch):
     then well-formed moves) and compares every prompt, decoded, with apply_chat_template of the
     conversation: system, the last two turns (user: observation, assistant: the move as written),
     the current observation, and the generation prompt."""
-    cut_off = ga.action_ids_for(tokenizer, "down", chat=True)[:-1]  # no end-of-turn token
+    fmt = ga.toy_formats(tokenizer, True)[0]
+    cut_off = ga.action_ids_for(tokenizer, "down", fmt)[:-1]  # no end-of-turn token
     moves_written = ["down", "down", "down", "right", "right", "right"]
-    script = [cut_off] + [ga.action_ids_for(tokenizer, m, chat=True) for m in moves_written]
+    script = [cut_off] + [ga.action_ids_for(tokenizer, m, fmt) for m in moves_written]
     monkeypatch.setattr(ga, "generate_actions", scripted_ids(script))
     layout = "A...\n....\n....\n...G"
     env = toy_env.GridWorld.from_string(layout)
-    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS, chat=True)
-    moves, rewards = ga.rollout(None, tokenizer, [env], parse, 4, 1.0, history=2, chat=True)
-    assert float(rewards[0]) == 1.0 and len(moves) == 7 and moves[0].action is None
+    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS, fmt)
+    moves, rewards = ga.rollout(
+        None, tokenizer, [[env]], parse, max_action_tokens=4, temperature=1.0, fmt=fmt, history=2
+    )
+    assert float(rewards[0, 0]) == 1.0 and len(moves) == 7 and moves[0].action is None
     replay = toy_env.GridWorld.from_string(layout)
     turns = []  # (observation text, move text) of each turn so far
     for m in moves:
-        conversation = [{"role": "system", "content": ga.CHAT_SYSTEM}]
+        conversation = [{"role": "system", "content": toy_env.CHAT_SYSTEM}]
         for seen, written in turns[-2:]:
             conversation += [
                 {"role": "user", "content": seen},
@@ -2133,11 +2194,21 @@ def test_a_sampled_chat_move_stands_verbatim_in_the_next_prompt():
     tokenizer = chatml_tokenizer()
     torch.manual_seed(0)
     model = ga.build_tiny_model(tokenizer, 1, 32, 512, "llama").eval()
-    fmt = ga.chat_format(tokenizer)
+    fmt = ga.chat_format(tokenizer, toy_env.CHAT_SYSTEM)
     envs = [toy_env.GridWorld.from_string(x) for x in toy_env.sample_layouts("train", 4, 0)]
-    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS, chat=True)
+    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS, fmt)
     generator = torch.Generator().manual_seed(0)
-    moves, _ = ga.rollout(model, tokenizer, envs, parse, 4, 1.0, False, generator, 1, chat=True)
+    moves, _ = ga.rollout(
+        model,
+        tokenizer,
+        [[env] for env in envs],  # four tasks, one episode each
+        parse,
+        max_action_tokens=4,
+        temperature=1.0,
+        fmt=fmt,
+        generator=generator,
+        history=1,
+    )
     checked = 0
     for k, m in enumerate(moves):
         after = [n for n in moves[k + 1 :] if n.episode == m.episode]
@@ -2155,11 +2226,11 @@ def test_chat_needs_a_chat_template_and_its_end_of_turn_as_end_of_text(tmp_path,
     """A tokenizer without a chat template, or whose template ends a turn with another token than
     the one the sampler stops at, is refused in one line; --chat on the built-in model too."""
     with pytest.raises(ValueError, match="no chat template"):
-        ga.chat_format(ga.build_word_tokenizer())
+        ga.chat_format(ga.build_word_tokenizer(), toy_env.CHAT_SYSTEM)
     tokenizer = chatml_tokenizer()
     tokenizer.eos_token = "<|im_start|>"
     with pytest.raises(ValueError, match="set tokenizer.eos_token to its end-of-turn token"):
-        ga.chat_format(tokenizer)
+        ga.chat_format(tokenizer, toy_env.CHAT_SYSTEM)
     with pytest.raises(SystemExit) as exited:
         ga.main([*TINY_ARGS, "--chat", "--out-dir", str(tmp_path / "a")])
     assert exited.value.code == 2
@@ -2172,7 +2243,7 @@ def test_the_whole_loop_runs_in_chat_mode_on_a_chatml_model(tmp_path):
     all in the chat format, on a tiny Llama with a ChatML tokenizer: every column finite, and the
     verdict's loss among them (it asks its question as a user turn)."""
     tokenizer = chatml_tokenizer()
-    left = ga.action_ids_for(tokenizer, "left", chat=True)
+    left = ga.action_ids_for(tokenizer, "left", ga.toy_formats(tokenizer, True)[0])
     assert left == tokenizer("left")["input_ids"] + [tokenizer.eos_token_id]
     torch.manual_seed(0)
     ga.build_tiny_model(tokenizer, 1, 32, 1024, "llama").save_pretrained(tmp_path / "m")
@@ -2193,13 +2264,13 @@ def one_update(model, tokenizer, moves, **overrides):
     """grpo_update on sampled moves, every move with A != 0, as a copier would call it."""
     arguments = dict(
         model=model,
-        tokenizer=tokenizer,
         prompts=[m.prompt_ids for m in moves],
         actions=[m.action_ids for m in moves],
         old_logps=[m.sample_logps for m in moves],
         advantages=torch.linspace(-1.0, 1.0, len(moves)) + 0.01,
         optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
         rng=np.random.default_rng(0),
+        pad_id=tokenizer.pad_token_id,
         temperature=1.0,
     )
     return ga.grpo_update(**{**arguments, **overrides})
@@ -2211,7 +2282,7 @@ def test_trap_a_temperature_mismatch_warns_and_cannot_be_forgotten(tiny):
     s, model, tokenizer = tiny
     generator = torch.Generator().manual_seed(0)
     moves, _, _ = play(model, tokenizer, mixed_layouts()[:4], 2, 4, 0.7, generator=generator)
-    with pytest.warns(UserWarning, match="the same temperature"):
+    with pytest.warns(UserWarning, match="The same temperature"):
         one_update(model, tokenizer, moves)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the matching temperature: no warning
@@ -2231,30 +2302,34 @@ def test_trap_half_precision_weights_warn(tiny):
 
 
 def test_trap_kl_without_reference_and_verdict_without_weight_are_refused(tiny):
-    """Traps 4 and 5: kl_coef without ref_model (kl read 0.0), cls_set without cls_coef (the
-    verdict never trained), and old log-probs that do not match the action ids."""
+    """Traps 4 and 5: kl_coef without ref_model (kl read 0.0), the verdict's aux_loss without
+    aux_coef (the verdict never trained) or aux_coef without an aux_loss, and old log-probs that
+    do not match the action ids."""
     s, model, tokenizer = tiny
     generator = torch.Generator().manual_seed(0)
     moves, _, _ = play(model, tokenizer, mixed_layouts()[:2], 2, 4, 1.0, generator=generator)
-    with pytest.raises(ValueError, match="kl_coef > 0 needs a ref_model"):
+    with pytest.raises(ValueError, match="kl_coef > 0 and a ref_model go together"):
         one_update(model, tokenizer, moves, kl_coef=0.5)
-    labelled = (
+    aux_loss = ga.verdict_aux_loss(
+        model,
         [m.prompt_ids for m in moves],
         [m.action_ids for m in moves],
         torch.ones(len(moves)),
+        ga.plain_verdict(tokenizer),
+        tokenizer.pad_token_id,
+        np.random.default_rng(0),
     )
-    with pytest.raises(ValueError, match="cls_coef > 0 needs a cls_set"):
-        one_update(model, tokenizer, moves, cls_set=labelled)
-    with pytest.raises(ValueError, match="cls_coef > 0 needs a cls_set"):
-        one_update(model, tokenizer, moves, cls_coef=0.5)
+    with pytest.raises(ValueError, match="aux_coef > 0 and an aux_loss go together"):
+        one_update(model, tokenizer, moves, aux_loss=aux_loss)
+    with pytest.raises(ValueError, match="aux_coef > 0 and an aux_loss go together"):
+        one_update(model, tokenizer, moves, aux_coef=0.5)
     with pytest.raises(ValueError, match="one log-prob per action id"):
         one_update(model, tokenizer, moves, old_logps=[m.sample_logps[:1] for m in moves])
 
 
 def test_trap_a_tokenizer_that_cannot_write_the_verdict_words_is_refused():
     """Trap 7: without ' good' and ' bad' both verdicts are the unknown token: loss log 2,
-    gradient 0. Refused at the verdict's door."""
-    tokenizer, model = bpe_gpt2()
+    gradient 0. Refused at the verdict's door: where its format's ids are made."""
     words = ga.build_word_tokenizer()
     vocabulary = {w: i for w, i in words.get_vocab().items() if w not in ("good", "bad")}
     from tokenizers import Tokenizer, models
@@ -2265,9 +2340,8 @@ def test_trap_a_tokenizer_that_cannot_write_the_verdict_words_is_refused():
     no_verdict = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
     )
-    prompts = encode_prompts(no_verdict, [observation(LAYOUT)])
     with pytest.raises(ValueError, match="cannot write the verdict words"):
-        ga.verdict_logits(model, no_verdict, prompts, [ga.action_ids_for(no_verdict, "up")])
+        ga.plain_verdict(no_verdict)
 
 
 def test_trap_no_end_of_text_a_short_budget_and_one_shared_env_are_refused(tiny):
@@ -2276,14 +2350,15 @@ def test_trap_no_end_of_text_a_short_budget_and_one_shared_env_are_refused(tiny)
     s, model, tokenizer = tiny
     parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS)
     env = toy_env.GridWorld.from_string(LAYOUT)
+    budget = dict(max_action_tokens=4, temperature=1.0)
     with pytest.raises(ValueError, match="shorter than the action format"):
-        ga.rollout(model, tokenizer, [env], parse, 1, 1.0)
-    with pytest.raises(ValueError, match="one environment several times"):
-        ga.rollout(model, tokenizer, [env] * 4, parse, 4, 1.0)
+        ga.rollout(model, tokenizer, [[env]], parse, max_action_tokens=1, temperature=1.0)
+    with pytest.raises(ValueError, match="one environment twice"):
+        ga.rollout(model, tokenizer, [[env] * 4], parse, **budget)
     no_end = copy.deepcopy(tokenizer)
     no_end.eos_token = None
-    with pytest.raises(ValueError, match="no end-of-text token"):
-        ga.rollout(model, no_end, [env], parse, 4, 1.0)
+    with pytest.raises(ValueError, match="no end-of-text"):
+        ga.rollout(model, no_end, [[env]], parse, **budget)
 
 
 def test_trap_prompts_longer_than_the_models_positions_are_refused(tiny):
@@ -2322,10 +2397,11 @@ def test_chat_prompts_carry_the_templates_start_token_once():
         single="<|im_start|> $A", special_tokens=[("<|im_start|>", start)]
     )
     tokenizer.chat_template = "{{ '<|im_start|>' }}" + CHATML  # a start token, then ChatML
-    (prompt,) = ga.no_history_prompts(tokenizer, [observation(LAYOUT)], chat=True)
+    fmt = ga.chat_format(tokenizer, toy_env.CHAT_SYSTEM)
+    (prompt,) = ga.no_history_prompts(tokenizer, [observation(LAYOUT)], fmt)
     assert prompt[:3] == [start, start, tokenizer("system")["input_ids"][1]]  # not three starts
     conversation = [
-        {"role": "system", "content": ga.CHAT_SYSTEM},
+        {"role": "system", "content": toy_env.CHAT_SYSTEM},
         {"role": "user", "content": observation(LAYOUT)},
     ]
     rendered = tokenizer.apply_chat_template(
@@ -2339,7 +2415,7 @@ def test_trap_sampling_crashes_say_what_to_do(tiny):
     output (was: AttributeError)."""
     s, model, tokenizer = tiny
     prompts = encode_prompts(tokenizer, [observation(LAYOUT)])
-    with pytest.raises(ValueError, match="greedy=True"):
+    with pytest.raises(ValueError, match="greedy takes argmax"):
         ga.generate_actions(model, tokenizer, prompts, 4, 0.0, False, None)
 
     class NoCache(torch.nn.Module):  # a model whose output carries logits alone
@@ -2382,7 +2458,7 @@ def test_trap_a_pad_id_outside_the_vocabulary_is_refused(tiny):
     prompts = encode_prompts(tokenizer, [observation(x) for x in mixed_layouts()[:2]])
     for pad in (None, model.config.vocab_size):
         with pytest.raises(ValueError, match="pad with end-of-text"):
-            ga.sequence_logprobs(model, prompts, [[1], [2]], pad, 1.0)
+            ga.action_logprobs(model, prompts, [[1], [2]], pad, 1.0)
 
 
 # ---- issue 28: no silent traps for a copier ---------------------------------------------------
@@ -2423,18 +2499,18 @@ def test_grpo_loss_refuses_a_kl_coefficient_without_reference_log_probs():
 def test_grpo_loss_names_both_shapes_when_old_log_probs_or_advantages_do_not_fit(
     old_shape, advantages_shape
 ):
-    """Old log-probs not (N, T) like logp, or advantages not (N,) (say (N, 1), or one per
+    """Old log-probs not (N, K) like logp, or advantages not (N,) (say (N, 1), or one per
     group): today an IndexError or a broadcast error from deep inside the loss."""
     logp = torch.zeros(2, 3)
     mask = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
     old, advantages = torch.zeros(old_shape), torch.ones(advantages_shape)
-    with pytest.raises(ValueError, match=r"must be logp's \(N, T\) = \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"must be logp's \(N, K\) = \(2, 3\)"):
         ga.grpo_loss(logp, old, advantages, mask, 0.2)
 
 
 def test_grpo_advantages_take_integer_rewards_and_refuse_a_flat_vector():
     """Crashes that do not say what to do: integer rewards ('could not infer output dtype') are
-    now cast to float; a 1-D vector (rollout's (B*G,) rewards without .view(B, G)) gave an
+    now cast to float; a 1-D vector (B*G rewards, flattened or never shaped (B, G)) gave an
     IndexError and is refused with the reshape to use."""
     counts = torch.tensor([[1, 0, 0, 1], [1, 1, 1, 1]])
     as_floats = ga.grpo_advantages(counts.float())
@@ -2449,7 +2525,7 @@ def test_move_advantages_refuse_episode_ids_of_rollouts_made_one_group_at_a_time
     at 0, so every group's moves take group 0's advantages, and episodes G.. have no move."""
     rewards = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # (B, G) = (2, 2)
     first_group, second_group = [0, 1, 0], [0, 1, 1]  # each rollout numbers its episodes 0, 1
-    with pytest.raises(ValueError, match="call rollout once on all B\\*G envs in group-major"):
+    with pytest.raises(ValueError, match="pass the rewards and moves of one rollout call"):
         ga.move_advantages(rewards, first_group + second_group)
     with pytest.raises(ValueError, match="episode ids must be 0..3"):
         ga.move_advantages(rewards, [0, 1, 2, 3, 4])  # an id past B*G: an IndexError today
@@ -2463,7 +2539,7 @@ def test_balanced_cross_entropy_takes_float_labels_and_refuses_no_labels_or_othe
     expected = ga.balanced_cross_entropy(logits, labels)
     assert torch.equal(ga.balanced_cross_entropy(logits, labels.float()), expected)
     assert torch.equal(ga.balanced_cross_entropy(logits, labels.bool()), expected)
-    with pytest.raises(ValueError, match="no labelled pairs: skip the classification loss"):
+    with pytest.raises(ValueError, match="no labels: skip the classification when there are no"):
         ga.balanced_cross_entropy(logits[:0], labels[:0])
     with pytest.raises(ValueError, match=r"labels must be 0 \(bad\) or 1 \(good\)"):
         ga.balanced_cross_entropy(logits, torch.tensor([1, 2, 0]))
@@ -2494,10 +2570,11 @@ def test_coupling_probe_of_one_pair_has_no_centred_cosine_and_of_none_says_so(ti
     their own mean are each other's negative); it is NaN instead. No pair at all: a clear error
     instead of torch.stack's."""
     s, model, tokenizer = tiny
-    probe = ga.coupling_probe(model, tokenizer, observation_pairs(1))
+    fmt = ga.plain_format(tokenizer)
+    probe = ga.coupling_probe(model, tokenizer, observation_pairs(1), fmt)
     assert math.isnan(probe["hidden_cos_centred"]) and math.isfinite(probe["coupling_ratio"])
     with pytest.raises(ValueError, match="at least one"):
-        ga.coupling_probe(model, tokenizer, [])
+        ga.coupling_probe(model, tokenizer, [], fmt)
 
 
 def test_coupling_probe_of_a_bfloat16_model_measures_in_float32(tiny):
@@ -2506,8 +2583,9 @@ def test_coupling_probe_of_a_bfloat16_model_measures_in_float32(tiny):
     model reads what its float32 original does within 1e-4 (measured); the bar is 1e-3."""
     s, model, tokenizer = tiny
     pairs = observation_pairs(3)
-    exact = ga.coupling_probe(model, tokenizer, pairs)
-    half = ga.coupling_probe(copy.deepcopy(model).to(torch.bfloat16), tokenizer, pairs)
+    fmt = ga.plain_format(tokenizer)
+    exact = ga.coupling_probe(model, tokenizer, pairs, fmt)
+    half = ga.coupling_probe(copy.deepcopy(model).to(torch.bfloat16), tokenizer, pairs, fmt)
     for key in ("hidden_cos", "hidden_cos_move"):
         assert exact[key] < 0.9995 and abs(half[key] - exact[key]) < 1e-3, (key, half, exact)
 
@@ -2538,15 +2616,15 @@ def test_train_runs_an_environment_without_oracle_labels(tmp_path, monkeypatch):
     """train() on moves whose info has no "good" (another environment) stopped with KeyError:
     'good'. It trains and logs; only the oracle's columns are null (NaN), the rendered episode
     has no +/- marks, and the summary's Lemma 3.1 means are NaN."""
-    sample = ga.sample_iteration
+    rollout = ga.rollout
 
-    def unlabelled(*args):
-        moves, rewards, envs = sample(*args)
+    def unlabelled(*args, **kwargs):  # every rollout of the run: training's and evaluation's
+        moves, rewards = rollout(*args, **kwargs)
         for m in moves:
             m.info = {k: v for k, v in m.info.items() if k not in ("good", "good_actions")}
-        return moves, rewards, envs
+        return moves, rewards
 
-    monkeypatch.setattr(ga, "sample_iteration", unlabelled)
+    monkeypatch.setattr(ga, "rollout", unlabelled)
     lines = []
     s = ga.Settings(**{**TINY, "iters": 2, "eval_every": 2, "render_every": 1})
     _, _, summary = train(s, tmp_path, log=lines.append)
@@ -2563,5 +2641,267 @@ def test_classification_on_no_pairs_says_so(tiny):
     """Found by the traps review: classification_loss on an empty pair set crashed with 'max()
     arg is an empty sequence' deep in the padding, before any check could speak."""
     s, model, tokenizer = tiny
+    verdict, no_labels = ga.plain_verdict(tokenizer), torch.zeros(0, dtype=torch.long)
     with pytest.raises(ValueError, match="no \\(state, move\\) pairs"):
-        ga.classification_loss(model, tokenizer, [], [], torch.zeros(0, dtype=torch.long))
+        ga.classification_loss(model, [], [], no_labels, verdict, tokenizer.pad_token_id)
+
+
+# ---- a copier's traps (the issue "A copier's second pass"): each loud where it enters --------
+
+
+class NumberLine:
+    """A copier's own env, not the gridworld: walk from `start` to `target` with inc / dec."""
+
+    ACTIONS = ("inc", "dec")
+
+    def __init__(self, start: int, target: int, budget: int = 6, never_done: bool = False):
+        self.start, self.target, self.budget, self.never_done = start, target, budget, never_done
+
+    def reset(self) -> str:
+        self.at, self.turns = self.start, 0
+        return self.observation()
+
+    def observation(self) -> str:
+        return f"at {self.at} target {self.target} action:"
+
+    def step(self, action):
+        self.at += {"inc": 1, "dec": -1}.get(action, 0)
+        self.turns += 1
+        won = self.at == self.target
+        done = not self.never_done and (won or self.turns >= self.budget)
+        return self.observation(), float(won), done, {}
+
+
+def number_line_policy(seed: int = 0):
+    """A tiny Llama and a word-level tokenizer over NumberLine's words (pad and eos separate)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[EOS]", "at", "target", "action:", *NumberLine.ACTIONS]
+    words += [str(k) for k in range(-10, 20)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
+    torch.manual_seed(seed)
+    model = ga.build_tiny_model(tokenizer, 1, 32, 64, "llama").eval()
+    return model, tokenizer
+
+
+def warmed_number_line_policy(steps: int = 40):
+    """number_line_policy after a few supervised steps on ' inc' / ' dec' + end-of-text, half
+    each, so that its moves parse and a group's episodes differ (an untrained model writes
+    nothing in the action format)."""
+    model, tokenizer = number_line_policy()
+    fmt = ga.plain_format(tokenizer)
+    prompts = [NumberLine(k, k + 2).reset() for k in range(8)]
+    prompts = [
+        ga.history_prompt(fmt, [], ids, 0) for ids in ga.encode_observations(tokenizer, prompts)
+    ]
+    targets = [ga.action_ids_for(tokenizer, a, fmt) for a in NumberLine.ACTIONS] * 4
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        logp, on_action = ga.action_token_logprobs(model, prompts, targets, 0, 1.0)
+        loss = -logp.sum() / on_action.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model, tokenizer
+
+
+def number_line_rollout(model, tokenizer, groups, **kwargs):
+    parse = ga.exact_format_parser(tokenizer, NumberLine.ACTIONS)
+    kwargs = {"max_action_tokens": 3, "temperature": 1.0, **kwargs}
+    return ga.rollout(model, tokenizer, groups, parse, **kwargs)
+
+
+def readme_block(heading: str) -> str:
+    """The first ```python block after `heading` in README.md."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    after = text[text.index(heading) :]
+    return after.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_iteration_runs_on_a_copiers_env():
+    """The README's one-iteration snippet, executed as written on NumberLine, three times: it
+    runs, its rewards are (B, G), and its update takes steps with finite losses. Bug caught: a
+    README whose calls no longer match the signatures (it is documentation that drifts)."""
+    model, tokenizer = warmed_number_line_policy()
+    names = {
+        "model": model,
+        "tokenizer": tokenizer,
+        "tasks": [(0, 2), (3, 1), (5, 6)],
+        "make_env": lambda task: NumberLine(*task),
+        "optimizer": torch.optim.AdamW(model.parameters(), lr=1e-3),
+        "rng": np.random.default_rng(0),
+        "G": 4,
+    }
+    code = readme_block("### One iteration on your own env")
+    assert len(code.strip().splitlines()) <= 16
+    losses = []
+    for _ in range(3):
+        exec(code, names)
+        assert names["rewards"].shape == (3, 4)
+        assert names["stats"]["update_moves"] == int((names["advantages"] != 0).sum())
+        losses.append(names["stats"]["loss"])
+    assert any(math.isfinite(x) for x in losses)  # some iteration had a mixed group: a step
+
+
+def test_rollout_groups_are_group_major_by_construction():
+    """groups is B lists of G environments and rewards come back (B, G): there is no flat order
+    to get wrong. Ragged groups, a flat list and one env twice are refused. Bug caught: the
+    task-major order a copier wrote (225 of 238 advantages wrong, silently)."""
+    model, tokenizer = number_line_policy()
+    groups = [[NumberLine(0, 2) for _ in range(3)], [NumberLine(4, 1) for _ in range(3)]]
+    moves, rewards = number_line_rollout(model, tokenizer, groups)
+    assert rewards.shape == (2, 3)
+    first = {m.episode: m for m in reversed(moves)}  # each episode's first move
+    for episode, move in first.items():  # episodes 0..2 are group 0's: the start at 0
+        assert tokenizer.decode(move.observation_ids).startswith("at 0") == (episode < 3)
+    ragged = [[NumberLine(0, 2), NumberLine(0, 2)], [NumberLine(1, 2)]]
+    with pytest.raises(ValueError, match="same G episodes"):
+        number_line_rollout(model, tokenizer, ragged)
+    with pytest.raises(ValueError, match="B lists of G environments"):
+        number_line_rollout(model, tokenizer, [NumberLine(0, 2), NumberLine(1, 2)])
+    env = NumberLine(0, 2)
+    with pytest.raises(ValueError, match="one environment twice"):
+        number_line_rollout(model, tokenizer, [[env, env]])
+
+
+def test_parser_of_another_prompt_format_is_refused():
+    """A parser built for plain prompts given to a chat rollout: every move would be off-format,
+    success 0 and no step, without a sound. Bug caught: the mismatch a copier met."""
+    tokenizer = chatml_tokenizer()
+    fmt = ga.chat_format(tokenizer, toy_env.CHAT_SYSTEM)
+    plain_parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS)
+    groups = [[toy_env.GridWorld.from_string(LAYOUT) for _ in range(2)]]
+    with pytest.raises(ValueError, match="another prompt format"):
+        ga.rollout(
+            None, tokenizer, groups, plain_parse, max_action_tokens=8, temperature=1.0, fmt=fmt
+        )
+
+
+def test_a_rollout_where_no_move_parsed_warns():
+    """An untrained model, a parser of its own that reads nothing: one warning that names the
+    usual causes. Bug caught: success 0.0 and loss NaN with nothing said."""
+    model, tokenizer = number_line_policy()
+    groups = [[NumberLine(0, 2) for _ in range(2)]]
+    parse = lambda ids: None  # noqa: E731 -- a copier's parser that never matches
+    with pytest.warns(UserWarning, match="no move of this rollout parsed"):
+        ga.rollout(model, tokenizer, groups, parse, max_action_tokens=3, temperature=1.0)
+
+
+def test_an_env_that_never_ends_is_cut_off_at_max_turns():
+    """An env that never returns done: the rollout stops after max_turns, warns, and returns
+    every move played. Bug caught: a `while live` loop that hangs forever."""
+    model, tokenizer = number_line_policy()
+    groups = [[NumberLine(0, 2, never_done=True) for _ in range(2)]]
+    with pytest.warns(UserWarning, match="max_turns=5"):
+        moves, rewards = number_line_rollout(model, tokenizer, groups, max_turns=5)
+    assert len(moves) == 2 * 5 and rewards.shape == (1, 2)
+
+
+def test_rewards_as_lists_and_numpy_arrays_are_accepted():
+    """The README promised errors that name the fix; a list or an array is simply read.
+    Bug caught: AttributeError: 'list' object has no attribute 'dim'."""
+    rewards = [[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]]
+    expected = ga.move_advantages(torch.tensor(rewards), [0, 1, 2, 3, 4, 5, 5])
+    for given in (rewards, np.array(rewards)):
+        assert torch.equal(ga.move_advantages(given, [0, 1, 2, 3, 4, 5, 5]), expected)
+        assert torch.equal(ga.grpo_advantages(given), ga.grpo_advantages(torch.tensor(rewards)))
+
+
+def test_groups_of_one_episode_are_refused():
+    """G = 1 has no baseline: A = 0 for every move, forever. Bug caught: training on nothing."""
+    with pytest.raises(ValueError, match="groups of one episode"):
+        ga.move_advantages(torch.tensor([[1.0], [0.0]]), [0, 1])
+
+
+def test_an_update_with_no_signal_warns():
+    """Every advantage 0: no step, and a warning that says why. Bug caught: loss NaN in silence."""
+    model, tokenizer = number_line_policy()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="no group with mixed rewards"):
+        stats = ga.grpo_update(
+            model,
+            [[3, 13, 4]],
+            [[9, 2]],
+            [[-1.0, -1.0]],
+            torch.zeros(1),
+            optimizer,
+            np.random.default_rng(0),
+            pad_id=0,
+            temperature=1.0,
+        )
+    assert math.isnan(stats["loss"])
+
+
+def test_a_second_update_on_the_same_batch_names_stale_old_logprobs():
+    """The same rollout's old log-probs reused after a step: the ratio warning names that cause.
+    Bug caught: a warning that lists only causes that are wrong for this case."""
+    model, tokenizer = number_line_policy()
+    groups = [[NumberLine(0, 2) for _ in range(4)], [NumberLine(3, 1) for _ in range(4)]]
+    moves, rewards = number_line_rollout(model, tokenizer, groups)
+    advantages = torch.linspace(-1.0, 1.0, len(moves)) + 1e-3  # every move teaches
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-2)
+    batch = (
+        [m.prompt_ids for m in moves],
+        [m.action_ids for m in moves],
+        [m.sample_logps for m in moves],
+        advantages,
+        optimizer,
+        np.random.default_rng(0),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first update, fresh: no warning
+        ga.grpo_update(model, *batch, pad_id=0, temperature=1.0)
+    with pytest.warns(UserWarning, match="weights that have changed since"):
+        ga.grpo_update(model, *batch, pad_id=0, temperature=1.0)
+
+
+def test_a_bf16_model_warns_at_the_rollout():
+    """The sampler's log-probs would be bf16's: the rollout says so, as the update does.
+    Bug caught: only grpo_update warned."""
+    model, tokenizer = number_line_policy()
+    groups = [[NumberLine(0, 2) for _ in range(2)]]
+    with pytest.warns(UserWarning, match="not float32"):
+        number_line_rollout(model.to(torch.bfloat16), tokenizer, groups)
+
+
+def test_balanced_accuracy_refuses_probabilities():
+    """Probabilities for 0/1 calls: 1.0 for [0.9, 0.8, 0.2, 0.1] before. Bug caught: that 1.0."""
+    with pytest.raises(ValueError, match="0 \\(bad\\) or 1 \\(good\\)"):
+        ga.balanced_accuracy(torch.tensor([0.9, 0.8, 0.2, 0.1]), torch.tensor([1, 1, 0, 0]))
+
+
+def test_generate_actions_refuses_a_tokenizer_without_end_of_text():
+    """No end-of-text: every action would run to the budget. Bug caught: only rollout refused."""
+    model, tokenizer = number_line_policy()
+    no_eos = SimpleNamespace(eos_token_id=None, pad_token_id=0)
+    with pytest.raises(ValueError, match="no end-of-text"):
+        ga.generate_actions(model, no_eos, [[3, 13, 4]], 3, 1.0, False, None)
+
+
+def test_a_chat_needs_the_environments_system_text():
+    """The system turn is the env's, never this gridworld's by default. Bug caught: a chat
+    rollout that put 'You move the agent A on a grid' into every copier's prompt."""
+    tokenizer = chatml_tokenizer()
+    with pytest.raises(ValueError, match="system text"):
+        ga.chat_format(tokenizer, "")
+    fmt = ga.chat_format(tokenizer, "Reach the target number.")
+    assert "grid" not in tokenizer.decode(fmt.prefix)
+
+
+def test_actions_the_tokenizer_cannot_tell_apart_are_refused():
+    """Words outside the vocabulary all encode as [UNK]: 'zero' and 'one' would parse as 'two'.
+    Bug caught: actions that can never be chosen, in silence."""
+    _, tokenizer = number_line_policy()
+    with pytest.raises(ValueError, match="cannot write the actions"):
+        ga.exact_format_parser(tokenizer, ("zero", "one", "two"))
+
+
+def test_non_finite_rewards_are_refused_at_the_credit():
+    """A NaN reward would stop the run later as 'the GRPO loss is nan', far from its cause."""
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        ga.move_advantages(torch.tensor([[1.0, math.nan]]), [0, 1])
