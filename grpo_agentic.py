@@ -164,7 +164,7 @@ def generate_actions(
         if finished.all():  # the one wait per token: stop as soon as every action is complete
             break
         cache = getattr(out, "cache", None)
-        require(cache is not None, "the model returned no cache: transformers >= 5 returns it")
+        require(cache is not None, "the model returned no key/value cache in out.cache")
         ids = token[:, None]  # (N, 1)
         positions = positions[:, -1:] + 1  # (N, 1)
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
@@ -416,6 +416,7 @@ def minibatches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]
     [300, 300]
     """
     require(size >= 1, f"a minibatch holds at least one move, got size {size}")
+    require(hasattr(rng, "permutation"), "rng: a numpy Generator, np.random.default_rng(seed)")
     return np.array_split(rng.permutation(n), max(1, round(n / size)))
 
 
@@ -1418,16 +1419,17 @@ def require(condition, message: str) -> None:
 def as_tensor(values) -> torch.Tensor:
     """A tensor as it is; a list or a numpy array as float32 (numpy's float64 would carry on)."""
     if torch.is_tensor(values):
-        return values
+        return values.detach()  # rewards are data: no gradient reaches the advantages
     return torch.tensor(np.asarray(values), dtype=torch.float32)
 
 
 def warn_unless_float32(model) -> None:
     weights = model.parameters() if isinstance(model, torch.nn.Module) else []
-    if any(p.dtype != torch.float32 for p in weights if p.requires_grad):
+    dtypes = {p.dtype for p in weights if p.requires_grad} - {torch.float32}
+    if dtypes:
         warnings.warn(
-            "the model's weights are not float32: small AdamW steps round away in bf16/fp16, "
-            "and sampler and scorer disagree; load it with dtype=torch.float32",
+            f"the model's weights are {dtypes.pop()}, not float32: in bf16/fp16 small AdamW steps "
+            "round away and sampler and scorer disagree; load it with dtype=torch.float32",
             stacklevel=3,
         )
 
@@ -1436,6 +1438,10 @@ def check_sampler(model, tokenizer, temperature: float, generator) -> None:
     device = next(model.parameters()).device
     require(tokenizer.eos_token_id is not None, "the tokenizer has no end-of-text: set eos_token")
     require(temperature > 0, f"temperature must be > 0, got {temperature}; greedy takes argmax")
+    require(
+        generator is None or isinstance(generator, torch.Generator),
+        "generator: a torch.Generator (the numpy rng orders grpo_update's minibatches)",
+    )
     require(
         generator is None or generator.device.type == device.type,
         f"the generator is on {generator and generator.device}, the model on {device}: "
@@ -1519,6 +1525,8 @@ def check_loss(logp, old_logp, advantages, ref_logp, kl_coef: float) -> None:
 def check_update(model, actions, old_logps, advantages, optimizer, ref_model, kl_coef) -> None:
     require((kl_coef > 0) == (ref_model is not None), "kl_coef > 0 and a ref_model go together")
     require(ref_model is not model, "ref_model is the policy itself: copy.deepcopy(model).eval()")
+    if ref_model is not None and ref_model.training:
+        warnings.warn("ref_model is in train mode: dropout adds noise to the KL; call .eval()")
     require(
         [len(lp) for lp in old_logps] == [len(a) for a in actions],
         "old_logps must hold one log-prob per action id of each move, as sampled",
@@ -1567,6 +1575,7 @@ def model_inputs(model, seqs: list[list[int]], pad_id: int, more_tokens: int = 0
         f"pad id {pad_id} is not a token of the model: pad with end-of-text",
     )
     held = getattr(config, "max_position_embeddings", None)
+    require(all(seqs), "an empty sequence: every prompt needs ids (an empty observation?)")
     longest = max(len(x) for x in seqs) + more_tokens
     require(
         held is None or longest <= held,

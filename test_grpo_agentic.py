@@ -2905,3 +2905,45 @@ def test_non_finite_rewards_are_refused_at_the_credit():
     """A NaN reward would stop the run later as 'the GRPO loss is nan', far from its cause."""
     with pytest.raises(ValueError, match="rewards must be finite"):
         ga.move_advantages(torch.tensor([[1.0, math.nan]]), [0, 1])
+
+
+def test_swapped_random_streams_and_an_empty_prompt_are_refused():
+    """A numpy rng given as the rollout's generator, a torch generator as grpo_update's rng, an
+    empty observation: each an error that names the fix, not an AttributeError or a dtype error
+    deep in the padding."""
+    model, tokenizer = number_line_policy()
+    groups = [[NumberLine(0, 2) for _ in range(2)]]
+    with pytest.raises(ValueError, match="a torch.Generator"):
+        number_line_rollout(model, tokenizer, groups, generator=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="a numpy Generator"):
+        ga.minibatches(4, 2, torch.Generator())
+    with pytest.raises(ValueError, match="an empty sequence"):
+        ga.model_inputs(model, [[3, 4], []], 0)
+
+
+def test_rewards_with_a_gradient_give_advantages_without_one():
+    """Rewards are data: a reward tensor that carries a gradient (a learned reward model's output,
+    say) must not send it into the policy loss through the advantages."""
+    rewards = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    assert not ga.move_advantages(rewards, [0, 1]).requires_grad
+
+
+def test_a_reference_model_in_train_mode_warns():
+    """Dropout in the reference adds noise to the KL (0.002 at the first step, not 0)."""
+    model, tokenizer = number_line_policy()
+    ref = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.warns(UserWarning, match="ref_model is in train mode"):
+        ga.grpo_update(
+            model,
+            [[3, 18, 4, 20, 5]],
+            [[6, 2]],
+            [[-1.0, -1.0]],
+            torch.ones(1),
+            optimizer,
+            np.random.default_rng(0),
+            pad_id=0,
+            temperature=1.0,
+            ref_model=ref,
+            kl_coef=0.1,
+        )
