@@ -620,10 +620,18 @@ def verdict_aux_loss(
     verdict: VerdictFormat,
     pad_id: int,
     rng: np.random.Generator,
+    max_pairs: int | None = None,
 ):
     """GCD's door into grpo_update: aux_loss(k, n), the classification loss on the k-th of n
     near-equal shares of the labelled pairs, reshuffled with `rng` at every epoch's first step
-    (None for an empty share)."""
+    (None for an empty share). At most `max_pairs` pairs, drawn now at random; None when there
+    is no pair (aux_loss.pairs: how many it holds)."""
+    keep = rng.permutation(len(prompts))[:max_pairs]  # (n,) at random, capped
+    if not len(keep):
+        return None
+    prompts = [prompts[i] for i in keep]
+    actions = [actions[i] for i in keep]
+    labels = labels[keep]
     shares = []
 
     def aux_loss(k: int, n: int) -> torch.Tensor | None:
@@ -641,6 +649,7 @@ def verdict_aux_loss(
             pad_id,
         )
 
+    aux_loss.pairs = len(keep)
     return aux_loss
 
 
@@ -813,26 +822,15 @@ def grpo_iteration(
         advantages = credit(rewards, moves)  # (N,) the lab's GiGPO
     prompts = [m.prompt_ids for m in moves]
     actions = [m.action_ids for m in moves]
-    # 3. GCD (--cls-coef > 0): up to --cls-samples labelled moves; their verdict's loss joins L.
-    aux_loss, pairs = None, 0
+    # 3. GCD (--cls-coef > 0): the verdict's loss on up to --cls-samples labelled moves joins L.
+    aux_loss = None
     if s.cls_coef > 0:
         if labeller is None:
-            labelled = advantage_labelled_pairs(prompts, actions, advantages)
+            labelled = advantage_labelled_pairs(prompts, actions, advantages)  # sign of A
         else:
             labelled = labeller(moves, advantages, tokenizer)  # the lab's oracle labels
-        cls_prompts, cls_actions, labels = labelled
-        pick = rng.permutation(len(cls_prompts))[: s.cls_samples]  # at random, capped
-        pairs = len(pick)
-    if pairs:
-        aux_loss = verdict_aux_loss(
-            model,
-            [cls_prompts[k] for k in pick],
-            [cls_actions[k] for k in pick],
-            labels[pick],
-            verdict,
-            tokenizer.pad_token_id,
-            rng,
-        )
+        pad = tokenizer.pad_token_id
+        aux_loss = verdict_aux_loss(model, *labelled, verdict, pad, rng, s.cls_samples)
     # 4. Update: the clipped surrogate on the moves with A != 0 (+ KL, + the verdict's loss).
     stats = grpo_update(
         model,
@@ -857,7 +855,7 @@ def grpo_iteration(
         **rollout_stats(moves, rewards, advantages),
         "lr": optimizer.param_groups[0]["lr"],
         **stats,
-        "cls_pairs": pairs,
+        "cls_pairs": aux_loss.pairs if aux_loss else 0,
         "rollout_s": round(sampled - started, 3),
         "update_s": round(time.time() - sampled, 3),
     }
