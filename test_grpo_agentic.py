@@ -2427,7 +2427,7 @@ def test_trap_sampling_crashes_say_what_to_do(tiny):
         def forward(self, **kwargs):
             return SimpleNamespace(logits=self.inner(**kwargs).logits)
 
-    with pytest.raises(ValueError, match="returned no cache"):
+    with pytest.raises(ValueError, match="returned no key/value cache"):
         with torch.no_grad():
             ga.generate_actions(NoCache(model), tokenizer, prompts * 2, 4, 1.0, False, None)
 
