@@ -14,6 +14,7 @@
     python experiments.py rollout-speed [old/grpo_agentic.py]  # decisions/s at H = 0, 2, longest
     python experiments.py update-cost [--model DIR] [--version old/grpo_agentic.py]  # one update
     python experiments.py gain RUN_DIR [OTHER_RUN_DIR]   # success before/after, layout by layout
+    python experiments.py shared-head MODEL   # a chat model's rollout, update: head shared or not
 
 The instruments reach grpo_agentic.train through its extension points: probes that add columns
 to every evaluation (how held-out episodes fail, the self-check, flawed mass, the recovery probe),
@@ -1444,6 +1445,77 @@ def rollout_speed(rounds: int = 9, other_file: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def shared_head_speed(model_path: str, rounds: int = 3, moves_scored: int = 48) -> str:
+    """What running a batch's common prompt head once saves (grpo_agentic.forward_batch), on a
+    chat model: seconds of a rollout (2 train layouts x 8 episodes, history 0, from the policy as
+    loaded) and of a grpo_update on its first `moves_scored` moves (one minibatch, every move with
+    A != 0, lr 0 so that every round is the same), with the head shared and without
+    (SHARED_HEAD_MIN out of reach), taking turns in one process; medians over `rounds`, and the
+    largest difference between the two ways' sampled log-probs of the same greedy moves."""
+    import statistics
+    import time
+
+    s = ga.Settings(model=model_path, chat=True, train_tasks=16, eval_tasks=8)
+    model, tokenizer = ga.load_policy(s, torch.device("cpu"))
+    model.eval()
+    fmt, _ = ga.toy_formats(tokenizer, True)
+    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS, fmt)
+    layouts = toy_env.sample_layouts("train", 2, 0)
+    least = ga.SHARED_HEAD_MIN
+    seconds = {(way, phase): [] for way in ("shared", "alone") for phase in ("rollout", "update")}
+    greedy_logps = {}
+    for r in range(rounds):
+        for way, threshold in (("shared", least), ("alone", 10**9)):
+            ga.SHARED_HEAD_MIN = threshold
+            groups = [[toy_env.GridWorld.from_string(x) for _ in range(8)] for x in layouts]
+            t = time.perf_counter()
+            moves, _ = ga.rollout(
+                model,
+                tokenizer,
+                groups,
+                parse,
+                max_action_tokens=s.max_action_tokens,
+                temperature=1.0,
+                fmt=fmt,
+                greedy=r == 0,  # the first round: the same moves both ways, to compare
+                generator=torch.Generator().manual_seed(r),
+            )
+            seconds[way, "rollout"].append(time.perf_counter() - t)
+            if r == 0:
+                greedy_logps[way] = [lp for m in moves for lp in m.sample_logps]
+            batch = moves[:moves_scored]
+            t = time.perf_counter()
+            ga.grpo_update(
+                model,
+                [m.prompt_ids for m in batch],
+                [m.action_ids for m in batch],
+                [m.sample_logps for m in batch],
+                torch.linspace(-1.0, 1.0, len(batch)) + 1e-3,  # (n,) every move with A != 0
+                torch.optim.SGD(model.parameters(), lr=0.0),
+                np.random.default_rng(r),
+                pad_id=tokenizer.pad_token_id,
+                temperature=1.0,
+                minibatch_moves=len(batch),
+            )
+            seconds[way, "update"].append(time.perf_counter() - t)
+    ga.SHARED_HEAD_MIN = least
+    head = ga.common_head([m.prompt_ids for m in moves], keep=1)
+    lines = [
+        f"| phase | head shared (s) | whole prompts (s) | ratio | ({head} shared ids) |",
+        "|---|---|---|---|---|",
+    ]
+    for phase in ("rollout", "update"):
+        shared = statistics.median(seconds["shared", phase])
+        alone = statistics.median(seconds["alone", phase])
+        lines.append(f"| {phase} | {shared:.2f} | {alone:.2f} | {shared / alone:.2f} | |")
+    both = zip(greedy_logps["shared"], greedy_logps["alone"])
+    lines.append(
+        f"\nmax |log-prob difference| of the greedy moves: {max(abs(a - b) for a, b in both):.1e}"
+    )
+    lines.append(f"{rounds} rounds, medians, {torch.get_num_threads()} threads.")
+    return "\n".join(lines)
+
+
 def update_cost(
     model_name: str = "",
     moves: int = 8,
@@ -1594,6 +1666,7 @@ COMMANDS = (
     "bump-memory",
     "rollout-speed",
     "update-cost",
+    "shared-head",
     "gain",
 )
 
@@ -1634,6 +1707,11 @@ def main(argv: list[str] | None = None) -> int:
                 print("experiments.py rollout-speed: error: give at most one file", file=sys.stderr)
                 return 2
             print(rollout_speed(9, rest[0] if rest else None))
+        elif command == "shared-head":
+            if len(rest) != 1 or not os.path.exists(rest[0]):
+                print("experiments.py shared-head: error: give one chat model", file=sys.stderr)
+                return 2
+            print(shared_head_speed(rest[0]))
         elif command == "update-cost":
             import argparse
 

@@ -25,7 +25,8 @@ Then what runs it on the toy (Settings, warm-up, evaluation, train, main), and a
 on a first read: the checks (each core function calls one at its door), padding, the chat
 template's pieces, the tiny model, loading. One contract from the appendix matters everywhere:
 batches are left-padded (left_pad), positions count real tokens only, and every sequence ends at
-the right edge, so the sampler and the scorer see each token at the same position.
+the right edge, so the sampler and the scorer see each token at the same position; a head of 32 or
+more ids that every row shares (a chat's system turn) runs once per batch (forward_batch).
 `CORE` marks what lifts out: it takes a model, a tokenizer, ids, tensors and plain numbers, never
 Settings. The lab (experiments.py) adds GiGPO's step credit, oracle labels and more probes through
 train()'s extension points. Deviations from DeepSeekMath GRPO and from the paper, and why:
@@ -132,23 +133,17 @@ def generate_actions(
     check_sampler(model, tokenizer, temperature, generator)
     device = next(model.parameters()).device
     n = len(prompts)
-    ids, mask, positions = model_inputs(model, prompts, tokenizer.pad_token_id, max_tokens)
     tokens = torch.zeros(n, max_tokens, dtype=torch.long, device=device)  # (N, K)
     token_logps = torch.zeros(n, max_tokens, device=device)  # (N, K)
     written = torch.zeros(n, max_tokens, dtype=torch.bool, device=device)  # (N, K) part of action
     finished = torch.zeros(n, dtype=torch.bool, device=device)  # (N,) end-of-text written
     broken = torch.zeros((), dtype=torch.bool, device=device)  # a NaN or +inf logit was seen
-    cache = None
+    # The prompts (a common head once: forward_batch), the last position's logits only:
+    # (N, 1, V), not (N, P, V). mask and positions (N, T) go on with the cache.
+    out, _, mask, positions = forward_batch(
+        model, prompts, tokenizer.pad_token_id, keep=1, more_tokens=max_tokens, use_cache=True
+    )
     for k in range(max_tokens):
-        # The first forward keeps the last position's logits only: (N, 1, V), not (N, P, V).
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
         logits = out.logits[:, -1, :].float() / temperature  # (N, V)
         bad = torch.isnan(logits) | torch.isposinf(logits)  # (N, V); -inf is a legal mask
         broken |= bad.any()  # raised after the loop: checking here would wait on the device
@@ -161,13 +156,21 @@ def generate_actions(
         token_logps[:, k] = logprobs.gather(1, token[:, None]).squeeze(1)
         written[:, k] = ~finished  # before the update below: end-of-text is part of the action
         finished |= token == tokenizer.eos_token_id
-        if finished.all():  # the one wait per token: stop as soon as every action is complete
+        # The one wait per token: stop as soon as every action is complete.
+        if finished.all() or k == max_tokens - 1:
             break
         cache = getattr(out, "cache", None)
         require(cache is not None, "the model returned no key/value cache in out.cache")
-        ids = token[:, None]  # (N, 1)
         positions = positions[:, -1:] + 1  # (N, 1)
         mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=device)], dim=1)
+        out = model(
+            input_ids=token[:, None],  # (N, 1)
+            attention_mask=mask,
+            position_ids=positions,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
     if broken:
         raise NonFiniteError("the policy's logits are not finite")
     lengths = written.sum(dim=1).tolist()
@@ -339,14 +342,7 @@ def action_token_logprobs(
     # Left-padded as the sampler pads (positions count real tokens), so every action ends at the
     # right edge, and `logits_to_keep` builds (N, K + 1, V) logits instead of (N, T, V): for a
     # 50k vocabulary and 256-token prompts, the memory of the whole update.
-    ids, attention, positions = model_inputs(model, sequences, pad_id)  # (N, T) each
-    out = model(
-        input_ids=ids,
-        attention_mask=attention,
-        position_ids=positions,
-        use_cache=False,  # one forward: a key/value cache would only hold memory
-        logits_to_keep=k + 1,
-    )
+    out, ids, _, _ = forward_batch(model, sequences, pad_id, keep=k + 1)  # ids (N, T)
     logits = out.logits[:, -(k + 1) : -1].float() / temperature  # (N, K, V) predict the last K
     logp = torch.log_softmax(logits, dim=-1).gather(2, ids[:, -k:, None]).squeeze(2)  # (N, K)
     lengths = torch.tensor([len(a) for a in actions], device=device)  # (N,)
@@ -553,14 +549,7 @@ def verdict_logprobs(
     require(prompts, "no (state, move) pairs to judge: the verdict needs at least one")
     asked = [p + with_turn_end(a, verdict) + verdict.query for p, a in zip(prompts, actions)]
     if all(len(w) == 1 for w in verdict.words):  # both read at one position: one short forward
-        ids, attention, positions = model_inputs(model, asked, pad_id)  # (N, T) each
-        out = model(
-            input_ids=ids,
-            attention_mask=attention,
-            position_ids=positions,
-            use_cache=False,
-            logits_to_keep=1,
-        )
+        out, *_ = forward_batch(model, asked, pad_id, keep=1)
         last = out.logits[:, -1].float()  # (N, V) after the query
         return torch.log_softmax(last, dim=-1)[:, [w[0] for w in verdict.words]]  # (N, 2)
     logps = [action_logprobs(model, asked, [w] * len(asked), pad_id, 1.0) for w in verdict.words]
@@ -1550,7 +1539,7 @@ def check_labels(labels: torch.Tensor, name: str = "labels") -> None:
     )
 
 
-# ---- Padding and positions -------------------------------------------------------------------
+# ---- Padding, positions, and a shared prompt head -------------------------------------------
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, ...]:
     """Left-pad sequences (prompts to sample from; prompt + action to score): ids, attention mask
     and position ids, each (N, T). Positions count real tokens only, so the padding is invisible
@@ -1581,6 +1570,62 @@ def model_inputs(model, seqs: list[list[int]], pad_id: int, more_tokens: int = 0
         "shorten the history or the action budget",
     )
     return left_pad(seqs, pad_id, next(model.parameters()).device)
+
+
+SHARED_HEAD_MIN = 32  # ids: a shorter common head runs with each row (the built-in model's: 0)
+
+
+def common_head(seqs: list[list[int]], keep: int) -> int:
+    """How many leading ids all `seqs` share, leaving each at least `keep` ids of its own.
+
+    >>> common_head([[5, 6, 7, 8], [5, 6, 9]], keep=1)
+    2
+    """
+    most = min(len(x) for x in seqs) - keep
+    shared = 0
+    while shared < most and all(x[shared] == seqs[0][shared] for x in seqs):
+        shared += 1
+    return shared
+
+
+def forward_batch(
+    model, seqs: list[list[int]], pad_id: int, keep: int, more_tokens: int = 0, use_cache=False
+):
+    """The model on left-padded `seqs`, the logits of each row's last `keep` positions:
+    (out, ids, mask, positions), ids the ids run last, mask and positions (N, all positions).
+
+    Where every sequence starts with the same SHARED_HEAD_MIN or more ids (a chat's system
+    turn), that head runs once, batch 1, and its keys and values serve every row: repeated N
+    times, so every row's gradient flows back into the head's computation (exact, not detached).
+    The rows then run from where the head ends: padding after the head, positions counting on."""
+    head = common_head(seqs, keep) if len(seqs) > 1 else 0
+    if head < SHARED_HEAD_MIN:  # today's one forward
+        ids, mask, positions = model_inputs(model, seqs, pad_id, more_tokens)  # (N, T) each
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=use_cache,  # the sampler's cache; the scorer's would only hold memory
+            logits_to_keep=keep,
+        )
+        return out, ids, mask, positions
+    rests = [x[head:] for x in seqs]
+    ids, rest_mask, rest_positions = model_inputs(model, rests, pad_id, head + more_tokens)
+    first = torch.tensor([seqs[0][:head]], device=ids.device)  # (1, head)
+    cache = getattr(model(input_ids=first, use_cache=True), "cache", None)  # (1, ..., head, ...)
+    require(cache is not None, "the model returned no key/value cache: set ga.SHARED_HEAD_MIN high")
+    cache.batch_repeat_interleave(len(seqs))  # (N, ..., head, ...): a copy; gradients add up
+    mask = torch.cat([rest_mask.new_ones(len(seqs), head), rest_mask], dim=1)  # (N, head + R)
+    positions = rest_positions + head  # (N, R)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=keep,
+    )
+    return out, ids, mask, positions
 
 
 def encode_observations(tokenizer, observations: list[str]) -> list[list[int]]:

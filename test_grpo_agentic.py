@@ -2947,3 +2947,108 @@ def test_a_reference_model_in_train_mode_warns():
             ref_model=ref,
             kl_coef=0.1,
         )
+
+
+# ---- a shared prompt head: computed once per batch, exactly ------------------------------------
+
+
+def chat_batch_with_a_long_head():
+    """A tiny Llama with ChatML, and history-2 chat prompts of several lengths whose common head
+    (the system turn and the opening of the user turn) is over 64 ids, with actions of 1-3 ids."""
+    tokenizer = chatml_tokenizer()
+    config = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=512,
+            **config,
+        )
+    ).eval()
+    fmt = ga.chat_format(tokenizer, toy_env.CHAT_SYSTEM)
+    layouts = toy_env.sample_layouts("train", 3, 0) + [LAYOUT]
+    seen = ga.encode_observations(tokenizer, [observation(x) for x in layouts])
+    moves = [ga.action_ids_for(tokenizer, a, fmt) for a in toy_env.ACTIONS]
+    prompts = [
+        ga.history_prompt(fmt, [(seen[(k + j) % 4], moves[j]) for j in range(k)], seen[k], 2)
+        for k in range(4)
+    ]  # 0, 1, 2 and 3 past turns: prompts of different lengths
+    actions = [moves[0], moves[1][:1], moves[2], moves[3][:2]]
+    assert ga.common_head(prompts, keep=1) >= 64 and len({len(p) for p in prompts}) == 4
+    return model, tokenizer, fmt, prompts, actions
+
+
+def batch_one_forwards(model):
+    """Records the length of every batch-1 forward of `model`: the shared head's."""
+    lengths = []
+    forward = model.forward
+
+    def recording(*args, **kwargs):
+        ids = kwargs.get("input_ids")
+        if ids is not None and ids.shape[0] == 1:
+            lengths.append(ids.shape[1])
+        return forward(*args, **kwargs)
+
+    model.forward = recording
+    return lengths
+
+
+def test_a_shared_head_scores_and_backpropagates_exactly(monkeypatch):
+    """The scorer with the common head run once equals the scorer without (SHARED_HEAD_MIN out of
+    reach), in log-probs and in every parameter's gradient; and the head did run once, batch 1.
+    Bug caught: positions restarting at 0 after the head, padding before the head, a head whose
+    keys and values are detached (its gradient would be missing)."""
+    model, tokenizer, fmt, prompts, actions = chat_batch_with_a_long_head()
+    params = list(model.parameters())
+    pad = tokenizer.pad_token_id
+    heads = batch_one_forwards(model)
+    shared, on_action = ga.action_token_logprobs(model, prompts, actions, pad, 0.7)
+    weights = torch.arange(1.0, shared.shape[1] + 1)  # (K,) each column its own weight
+    shared_grads = torch.autograd.grad((shared * weights).sum(), params)
+    assert heads and min(heads) >= 64  # the head ran, once, batch 1
+    monkeypatch.setattr(ga, "SHARED_HEAD_MIN", 10**9)
+    alone, on_alone = ga.action_token_logprobs(model, prompts, actions, pad, 0.7)
+    alone_grads = torch.autograd.grad((alone * weights).sum(), params)
+    assert torch.equal(on_action, on_alone)
+    assert torch.allclose(shared, alone, atol=1e-5)
+    for g_shared, g_alone in zip(shared_grads, alone_grads):
+        assert torch.allclose(g_shared, g_alone, atol=1e-5, rtol=1e-4)
+    verdict = ga.chat_verdict(tokenizer, toy_env.CHAT_SYSTEM)
+    monkeypatch.setattr(ga, "SHARED_HEAD_MIN", 32)
+    with torch.no_grad():
+        judged = ga.verdict_logprobs(model, prompts, actions, verdict, pad)
+        monkeypatch.setattr(ga, "SHARED_HEAD_MIN", 10**9)
+        assert torch.allclose(judged, ga.verdict_logprobs(model, prompts, actions, verdict, pad))
+
+
+def test_a_shared_head_samples_what_the_whole_prompts_sample(monkeypatch):
+    """The sampler with the head run once writes the same tokens with the same log-probs as
+    without, greedy and sampled from one seed; and those log-probs are what the scorer gives.
+    Bug caught: a cache repeated in the wrong order, the mask missing the head's columns."""
+    model, tokenizer, fmt, prompts, _ = chat_batch_with_a_long_head()
+    results = {}
+    for name, least in (("shared", 32), ("alone", 10**9)):
+        monkeypatch.setattr(ga, "SHARED_HEAD_MIN", least)
+        for greedy in (True, False):
+            generator = torch.Generator().manual_seed(0)
+            results[name, greedy] = ga.generate_actions(
+                model, tokenizer, prompts, 4, 1.0, greedy, generator
+            )
+    for greedy in (True, False):
+        (ids_a, logps_a, _), (ids_b, logps_b, _) = (
+            results["shared", greedy],
+            results["alone", greedy],
+        )
+        assert ids_a == ids_b
+        assert np.allclose(sum(logps_a, []), sum(logps_b, []), atol=1e-5)
+    monkeypatch.setattr(ga, "SHARED_HEAD_MIN", 32)
+    ids, logps, _ = results["shared", False]
+    with torch.no_grad():
+        scored, on_action = ga.action_token_logprobs(
+            model, prompts, ids, tokenizer.pad_token_id, 1.0
+        )
+    assert np.allclose(scored[on_action].tolist(), sum(logps, []), atol=1e-5)
