@@ -1272,24 +1272,9 @@ def label_noise(run_dir: str, iters: int = 20) -> str:
     rng = np.random.default_rng(s.seed)
     generator = torch.Generator().manual_seed(s.seed)
     fmt, _ = ga.toy_formats(tokenizer, s.chat)
-    parse = ga.exact_format_parser(tokenizer, toy_env.ACTIONS, fmt)
     counts = np.zeros((2, 2), dtype=int)  # [label good?][oracle good?]
     for _ in range(iters):
-        picked = rng.choice(len(pool), size=s.tasks_per_iter, replace=False)  # (B,)
-        groups = [
-            [toy_env.GridWorld.from_string(pool[b]) for _ in range(s.group_size)] for b in picked
-        ]
-        moves, rewards = ga.rollout(
-            model,
-            tokenizer,
-            groups,
-            parse,
-            max_action_tokens=s.max_action_tokens,
-            temperature=s.temperature,
-            fmt=fmt,
-            generator=generator,
-            history=s.history,
-        )  # rewards (B, G)
+        moves, rewards, _ = ga.sample_groups(model, tokenizer, pool, rng, generator, s, fmt)
         advantages = ga.move_advantages(rewards, [m.episode for m in moves])
         for m, a in zip(moves, advantages.tolist()):
             if a != 0:

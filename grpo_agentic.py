@@ -1,6 +1,6 @@
 """Agentic GRPO on a text gridworld, in one file: a teaching reference for arXiv 2509.23870.
 
-    pip install -r requirements.txt && python grpo_agentic.py    # about 90 s on 2 CPU cores
+    pip install -r requirements.txt && python grpo_agentic.py    # about 85 s on 2 CPU cores
     python grpo_agentic.py --help                                # every setting, with its meaning
     python grpo_agentic.py --model runs/<run>/policy --iters 0 --sft-steps 0   # evaluate a policy
 
@@ -769,6 +769,28 @@ def verdict_is_good(
 
 
 # ---- 6. One GRPO iteration on the toy: sample -> credit -> the verdict's pairs -> update --------
+def sample_groups(model, tokenizer, layouts, rng, generator, s: Settings, fmt: PromptFormat):
+    """G episodes on each of B layouts drawn from `layouts` with `rng`, played by rollout:
+    (moves, rewards (B, G), groups)."""
+    picked = rng.choice(len(layouts), size=s.tasks_per_iter, replace=False)  # (B,)
+    groups = [
+        [toy_env.GridWorld.from_string(layouts[b]) for _ in range(s.group_size)] for b in picked
+    ]  # B lists of G environments: a group is one task's G episodes
+    parse = exact_format_parser(tokenizer, toy_env.ACTIONS, fmt)
+    moves, rewards = rollout(
+        model,
+        tokenizer,
+        groups,
+        parse,
+        max_action_tokens=s.max_action_tokens,
+        temperature=s.temperature,
+        fmt=fmt,
+        generator=generator,
+        history=s.history,
+    )  # rewards (B, G)
+    return moves, rewards, groups
+
+
 def grpo_iteration(
     model,
     tokenizer,
@@ -787,22 +809,7 @@ def grpo_iteration(
     what was played: (row, moves, rewards (B, G), groups). `credit` and `labeller`: the lab's."""
     started = time.time()
     # 1. Sample: G episodes on each of B train layouts drawn at random, all stepping together.
-    picked = rng.choice(len(layouts), size=s.tasks_per_iter, replace=False)  # (B,)
-    groups = [
-        [toy_env.GridWorld.from_string(layouts[b]) for _ in range(s.group_size)] for b in picked
-    ]  # B lists of G environments: a group is one task's G episodes
-    parse = exact_format_parser(tokenizer, toy_env.ACTIONS, fmt)
-    moves, rewards = rollout(
-        model,
-        tokenizer,
-        groups,
-        parse,
-        max_action_tokens=s.max_action_tokens,
-        temperature=s.temperature,
-        fmt=fmt,
-        generator=generator,
-        history=s.history,
-    )  # rewards (B, G)
+    moves, rewards, groups = sample_groups(model, tokenizer, layouts, rng, generator, s, fmt)
     sampled = time.time()
     # 2. Credit: every move inherits its episode's group-relative advantage.
     if credit is None:
