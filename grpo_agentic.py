@@ -451,6 +451,7 @@ def grpo_update(
     verdict_aux_loss). `temperature`: the rollout's (no default). The model samples and is
     scored in eval mode (dropout off), so the first minibatch's ratio is 1."""
     check_update(model, actions, old_logps, advantages, optimizer, ref_model, kl_coef)
+    require(epochs >= 1, f"epochs must be >= 1, got {epochs}: no step would be taken")
     require((aux_coef > 0) == (aux_loss is not None), "aux_coef > 0 and an aux_loss go together")
     device = next(model.parameters()).device
     # Moves with A = 0 have no gradient through the surrogate: left in, they would only dilute
@@ -1559,9 +1560,9 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 
 def model_inputs(model, seqs: list[list[int]], pad_id: int, more_tokens: int = 0):
-    """left_pad on the model's device, after the two checks a model of one's own can fail: a pad
-    id inside its vocabulary (padding is masked, so end-of-text serves), and positions for the
-    longest sequence plus `more_tokens` (a rotary model would read past them without an error)."""
+    """left_pad on the model's device, after the checks a model of one's own can fail: a pad id
+    and every id inside its vocabulary (padding is masked, so end-of-text serves), and positions
+    for the longest sequence plus `more_tokens` (a rotary model would read past them silently)."""
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
     require(
@@ -1570,6 +1571,8 @@ def model_inputs(model, seqs: list[list[int]], pad_id: int, more_tokens: int = 0
     )
     held = getattr(config, "max_position_embeddings", None)
     require(all(seqs), "an empty sequence: every prompt needs ids (an empty observation?)")
+    top = max(max(x) for x in seqs)  # an id past the embedding table: an IndexError deep inside
+    require(vocab is None or top < vocab, f"id {top} is past the model's {vocab}: resize it")
     longest = max(len(x) for x in seqs) + more_tokens
     require(
         held is None or longest <= held,

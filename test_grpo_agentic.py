@@ -3084,3 +3084,25 @@ def test_smollm2_scores_the_same_with_its_head_shared(monkeypatch):
             logps[least], _ = ga.action_token_logprobs(model, prompts, moves, pad, 1.0)
     assert ga.common_head(prompts, keep=1) >= 32
     assert torch.allclose(logps[32], logps[10**9], atol=1e-4)
+
+
+def test_ids_past_the_vocabulary_and_zero_epochs_are_refused():
+    """A tokenizer grown after the model was built (an IndexError deep in the embedding before),
+    and epochs = 0 (no step, yet update_moves reported)."""
+    model, tokenizer = number_line_policy()
+    with pytest.raises(ValueError, match="past the model's"):
+        ga.model_inputs(model, [[3, 4], [model.config.vocab_size]], 0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        ga.grpo_update(
+            model,
+            [[3, 18, 4]],
+            [[6, 2]],
+            [[-1.0, -1.0]],
+            torch.ones(1),
+            optimizer,
+            np.random.default_rng(0),
+            pad_id=0,
+            temperature=1.0,
+            epochs=0,
+        )
