@@ -2710,6 +2710,23 @@ def warmed_number_line_policy(steps: int = 40):
     return model, tokenizer
 
 
+def one_move_update(model, advantage: float, **options):
+    """grpo_update on one number-line move ('at 0 target 2 action:', ' inc' + end-of-text) with
+    made-up old log-probs: the door's checks and warnings, not the numbers, are what is tested."""
+    return ga.grpo_update(
+        model,
+        [[3, 18, 4, 20, 5]],
+        [[6, 2]],
+        [[-1.0, -1.0]],
+        torch.full((1,), advantage),
+        torch.optim.AdamW(model.parameters(), lr=1e-3),
+        np.random.default_rng(0),
+        pad_id=0,
+        temperature=1.0,
+        **options,
+    )
+
+
 def number_line_rollout(model, tokenizer, groups, **kwargs):
     parse = ga.exact_format_parser(tokenizer, NumberLine.ACTIONS)
     kwargs = {"max_action_tokens": 3, "temperature": 1.0, **kwargs}
@@ -2821,19 +2838,8 @@ def test_groups_of_one_episode_are_refused():
 def test_an_update_with_no_signal_warns():
     """Every advantage 0: no step, and a warning that says why. Bug caught: loss NaN in silence."""
     model, tokenizer = number_line_policy()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.warns(UserWarning, match="no group with mixed rewards"):
-        stats = ga.grpo_update(
-            model,
-            [[3, 13, 4]],
-            [[9, 2]],
-            [[-1.0, -1.0]],
-            torch.zeros(1),
-            optimizer,
-            np.random.default_rng(0),
-            pad_id=0,
-            temperature=1.0,
-        )
+        stats = one_move_update(model, 0.0)
     assert math.isnan(stats["loss"])
 
 
@@ -2932,21 +2938,8 @@ def test_a_reference_model_in_train_mode_warns():
     """Dropout in the reference adds noise to the KL (0.002 at the first step, not 0)."""
     model, tokenizer = number_line_policy()
     ref = copy.deepcopy(model).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.warns(UserWarning, match="ref_model is in train mode"):
-        ga.grpo_update(
-            model,
-            [[3, 18, 4, 20, 5]],
-            [[6, 2]],
-            [[-1.0, -1.0]],
-            torch.ones(1),
-            optimizer,
-            np.random.default_rng(0),
-            pad_id=0,
-            temperature=1.0,
-            ref_model=ref,
-            kl_coef=0.1,
-        )
+        one_move_update(model, 1.0, ref_model=ref, kl_coef=0.1)
 
 
 # ---- a shared prompt head: computed once per batch, exactly ------------------------------------
@@ -3092,17 +3085,5 @@ def test_ids_past_the_vocabulary_and_zero_epochs_are_refused():
     model, tokenizer = number_line_policy()
     with pytest.raises(ValueError, match="past the model's"):
         ga.model_inputs(model, [[3, 4], [model.config.vocab_size]], 0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     with pytest.raises(ValueError, match="epochs must be >= 1"):
-        ga.grpo_update(
-            model,
-            [[3, 18, 4]],
-            [[6, 2]],
-            [[-1.0, -1.0]],
-            torch.ones(1),
-            optimizer,
-            np.random.default_rng(0),
-            pad_id=0,
-            temperature=1.0,
-            epochs=0,
-        )
+        one_move_update(model, 1.0, epochs=0)
