@@ -401,7 +401,24 @@ def lab_probes(s: ga.Settings, self_check: int) -> list:
             ),
         }
 
-    return [anatomy, self_check_probe, mass, recovery]
+    twins = []  # the coupling probe's pairs (ga.measure), as texts
+    for good, flawed, action in toy_env.coupled_pairs("train", s.probe_pairs, s.data_seed):
+        observe = [toy_env.GridWorld.from_string(x).observation() for x in (good, flawed)]
+        twins.append((*observe, action))
+
+    def twin_spread(model, tokenizer, it, played):
+        """95 % half-widths, over the pairs, of the coupling probe's hidden_cos and _centred."""
+        fmt, _ = ga.toy_formats(tokenizer, s.chat)
+        states, _ = ga.twin_hidden_states(model, tokenizer, twins, fmt)  # (pairs, 2, d)
+        centred = states - states.mean(dim=(0, 1))  # as ga.coupling_probe centres them
+        spread = {}
+        for name, hidden in (("hidden_cos", states), ("hidden_cos_centred", centred)):
+            per_pair = torch.cosine_similarity(hidden[:, 0], hidden[:, 1], dim=1).tolist()
+            mean, _, high = paired_interval(per_pair)
+            spread[f"{name}_ci"] = high - mean
+        return spread
+
+    return [anatomy, self_check_probe, mass, recovery, twin_spread]
 
 
 def solved_recorder(path: str):
@@ -441,7 +458,7 @@ def lab_run(s: ga.Settings, extra: LabRun, out_dir: str, log=print, start=None) 
 
 # ---- The comparison -----------------------------------------------------------------------------
 ARMS = ("grpo", "grpo+cls-advantage", "grpo+cls-oracle", "gigpo")  # "grpo" is the baseline
-SET_PER_ARM = ("seed", "data_seed", "cls_coef", "history")  # of ga.Settings; LabRun: all
+SET_PER_ARM = ("seed", "data_seed", "cls_coef", "cls_warmup_steps", "history")  # LabRun: all
 NOT_PART_OF_A_RUN = ("out_dir", "overwrite", "device", "model_cache")  # where and how, not what
 WARM_START_FIELDS = (  # everything the supervised warm-up depends on
     "seed",
@@ -482,6 +499,18 @@ TABLES = (  # (title, metrics, with GRPO's own change from start to end as a yar
     ("How held-out episodes fail, and recovery after a bump (end of training)", ANATOMY, True),
 )
 BETWEEN = SUCCESS[:2] + ANATOMY + CHAIN  # compared between regimes, arm by arm
+PER_SEED = (  # the chain's links, each seed's value (hidden_cos*_ci: its spread over the pairs)
+    "cls_bacc_held_out",
+    "hidden_cos",
+    "hidden_cos_ci",
+    "hidden_cos_centred",
+    "hidden_cos_centred_ci",
+    "coupling_cos",
+    "p_repeat_bump",
+    "p_flawed",
+    "eval_train_success",
+    "eval_held_out_success",
+)
 
 
 @dataclass
@@ -499,8 +528,13 @@ class Lab:
         default=2, metadata={"help": "runs at once, each in its own process (1: in this one)"}
     )
     gcd_coef: float = field(default=0.5, metadata={"help": "--cls-coef of the two GCD arms"})
+    gcd_warmup_steps: int = field(
+        default=0, metadata={"help": "--cls-warmup-steps of the two GCD arms (the verdict's own)"}
+    )
     gigpo_coef: float = field(default=1.0, metadata={"help": "--step-credit-coef of GiGPO"})
-    self_check_tries: int = field(default=3, metadata={"help": "K of every arm's self-check"})
+    self_check_tries: int = field(
+        default=3, metadata={"help": "K of every arm's self-check (0: no self-check)"}
+    )
     resume: bool = field(
         default=False,
         metadata={"help": "go on with an --out-dir that holds runs: finished ones are read back"},
@@ -516,8 +550,10 @@ class Lab:
         regimes = self.histories
         if not regimes or any(h < 0 for h in regimes) or len(set(regimes)) != len(regimes):
             raise ValueError(f"--histories must be distinct integers >= 0, got {regimes}")
-        if self.workers < 1 or self.self_check_tries < 1:
-            raise ValueError("--workers and --self-check-tries must be >= 1")
+        if self.gcd_warmup_steps < 0:
+            raise ValueError(f"--gcd-warmup-steps must be >= 0, got {self.gcd_warmup_steps}")
+        if self.workers < 1 or self.self_check_tries < 0:
+            raise ValueError("--workers must be >= 1 and --self-check-tries >= 0")
         if not (self.gcd_coef > 0 and self.gigpo_coef > 0):
             raise ValueError("--gcd-coef and --gigpo-coef must be > 0")
 
@@ -525,13 +561,11 @@ class Lab:
 def arm_settings(arm: str, lab: Lab) -> tuple[dict, LabRun]:
     """What makes an arm, on top of the settings every arm shares: (Settings fields, LabRun)."""
     tries = lab.self_check_tries
+    gcd = {"cls_coef": lab.gcd_coef, "cls_warmup_steps": lab.gcd_warmup_steps}
     return {
         "grpo": ({}, LabRun(self_check=tries)),
-        "grpo+cls-advantage": ({"cls_coef": lab.gcd_coef}, LabRun(self_check=tries)),
-        "grpo+cls-oracle": (
-            {"cls_coef": lab.gcd_coef},
-            LabRun(cls_labels="oracle", self_check=tries),
-        ),
+        "grpo+cls-advantage": (gcd, LabRun(self_check=tries)),
+        "grpo+cls-oracle": (gcd, LabRun(cls_labels="oracle", self_check=tries)),
         "gigpo": ({}, LabRun(step_credit_coef=lab.gigpo_coef, self_check=tries)),
     }[arm]
 
@@ -633,15 +667,22 @@ def compare_job(job: tuple[ga.Settings, LabRun, str, int]) -> dict:
         with open(summary_path) as f:
             return json.load(f)
     device = ga.resolve_device(s.device)
-    if not os.path.exists(warm_path):
-        model, tokenizer = ga.load_policy(s, device)
-        start = ga.warm_start(model.eval(), tokenizer, s, log=lambda line: None)
-        start["settings"] = dataclasses.asdict(s)
-        partial = f"{warm_path}.{os.getpid()}"
-        torch.save(start, partial)
-        os.replace(partial, warm_path)  # whole or absent, even if stopped or made twice at once
-    start = torch.load(warm_path, map_location=device)  # a warm start from CUDA resumes on CPU
-    return lab_run(s, extra, s.out_dir, lambda line: None, start)
+    with open(f"{s.out_dir}.log", "w", buffering=1) as log_file:  # beside the run, as it goes
+
+        def log(line: str) -> None:
+            log_file.write(line + "\n")
+
+        log(f"{os.path.basename(s.out_dir)}: settings {json.dumps(dataclasses.asdict(s))}")
+        if not os.path.exists(warm_path):
+            model, tokenizer = ga.load_policy(s, device)
+            start = ga.warm_start(model.eval(), tokenizer, s, log)
+            start["settings"] = dataclasses.asdict(s)
+            partial = f"{warm_path}.{os.getpid()}"
+            torch.save(start, partial)
+            os.replace(partial, warm_path)  # whole or absent, even if stopped or made twice at once
+        start = torch.load(warm_path, map_location=device)  # one from CUDA resumes on the CPU
+        log(f"warm start: {warm_path}")
+        return lab_run(s, extra, s.out_dir, log, start)
 
 
 def end_values(summary: dict) -> dict:
@@ -662,7 +703,7 @@ def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
         out += [f"### {title}", "", "| metric | " + " | ".join(arms) + " |"]
         out.append("|---" * (len(arms) + 1) + "|")
         for key in keys:
-            means = [np.mean([end[arm, x][key] for x in seeds]) for arm in arms]
+            means = [np.mean([end[arm, x].get(key, math.nan) for x in seeds]) for arm in arms]
             out.append(f"| {key} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
         columns = [f"{arm} - grpo" for arm in others]
         if with_own_change:
@@ -675,7 +716,11 @@ def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
         for key in keys:
             cells = []
             for arm in others:
-                cells.append(show_interval([end[arm, x][key] - end["grpo", x][key] for x in seeds]))
+                diffs = [
+                    end[arm, x].get(key, math.nan) - end["grpo", x].get(key, math.nan)
+                    for x in seeds
+                ]
+                cells.append(show_interval(diffs))
             if with_own_change and all(key in start["grpo", x] for x in seeds):
                 own = [end["grpo", x][key] - start["grpo", x][key] for x in seeds]
                 cells.append(show_interval(own))
@@ -683,9 +728,18 @@ def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
                 cells.append("not measured at the start")
             out.append(f"| {key} | " + " | ".join(cells) + " |")
         out.append("")
+    out += ["### Seed by seed (end of training)", ""]
+    out += ["| metric | arm | " + " | ".join(f"seed {x}" for x in seeds) + " |"]
+    out.append("|---" * (len(seeds) + 2) + "|")
+    for key in PER_SEED:
+        for arm in arms:
+            values = [end[arm, x].get(key, math.nan) for x in seeds]
+            out.append(f"| {key} | {arm} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    out.append("")
     out.append(
         f"Seeds {' '.join(map(str, seeds))}, each with its own layouts (data seed = seed); "
-        "means over seeds; differences paired by seed, mean [95 % t-interval]."
+        "means over seeds; differences paired by seed, mean [95 % t-interval]; _ci: the 95 % "
+        "half-width of a seed's value over its probe pairs."
     )
     return "\n".join(out) + "\n"
 
@@ -714,8 +768,8 @@ def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
     from multiprocessing import get_context
 
     check_shared(s)
-    keys = [  # regime by regime, arm by arm: the warm starts come first
-        (arm, h, seed) for h in lab.histories for arm in lab.arms for seed in lab.seeds
+    keys = [  # regime by regime, seed by seed: every seed's arms, paired, before the next seed
+        (arm, h, seed) for h in lab.histories for seed in lab.seeds for arm in lab.arms
     ]
     jobs = [job_settings(s, lab, arm, h, seed, out_dir) for arm, h, seed in keys]
     warm_paths = {

@@ -448,8 +448,9 @@ def grpo_update(
         L = L_pg + kl_coef * KL(pi || ref_model) + aux_coef * aux_loss(k, n)
 
     aux_loss(k, n): an auxiliary loss for minibatch k of the epoch's n, or None (GCD's verdict:
-    verdict_aux_loss). `temperature`: the rollout's (no default). The model samples and is
-    scored in eval mode (dropout off), so the first minibatch's ratio is 1."""
+    verdict_aux_loss); aux_loss.min_steps, if set, is the fewest steps it needs (steps beyond the
+    moves' minibatches carry it alone). `temperature`: the rollout's (no default). The model
+    samples and is scored in eval mode (dropout off), so the first minibatch's ratio is 1."""
     check_update(model, actions, old_logps, advantages, optimizer, ref_model, kl_coef)
     require(epochs >= 1, f"epochs must be >= 1, got {epochs}: no step would be taken")
     require((aux_coef > 0) == (aux_loss is not None), "aux_coef > 0 and an aux_loss go together")
@@ -462,6 +463,9 @@ def grpo_update(
     steps = []
     for _ in range(epochs if signal or aux_loss else 0):
         parts = minibatches(len(signal), minibatch_moves, rng)  # [empty] when there is no signal
+        # An aux loss with more than the moves' minibatches can carry (GCD's pairs, when few moves
+        # have A != 0) gets steps of its own, so that no backward pass holds more than its bound.
+        parts += [np.array([], dtype=int)] * (getattr(aux_loss, "min_steps", 1) - len(parts))
         for k, part in enumerate(parts):
             loss = torch.zeros((), device=device)
             info = {"pg_loss": math.nan, "clip_frac": math.nan, "kl": math.nan}
@@ -611,11 +615,16 @@ def verdict_aux_loss(
     pad_id: int,
     rng: np.random.Generator,
     max_pairs: int | None = None,
+    max_batch: int | None = None,
 ):
     """GCD's door into grpo_update: aux_loss(k, n), the classification loss on the k-th of n
     near-equal shares of the labelled pairs, reshuffled with `rng` at every epoch's first step
     (None for an empty share). At most `max_pairs` pairs, drawn now at random; None when there
-    is no pair (aux_loss.pairs: how many it holds)."""
+    is no pair (aux_loss.pairs: how many it holds). At most `max_batch` pairs in one share:
+    aux_loss.min_steps = ceil(pairs / max_batch) tells grpo_update how many steps that takes, so
+    memory does not grow with the pairs. `rng`: a stream of the verdict's own, so that a run
+    with the verdict draws the same layouts and minibatches as one without."""
+    require(max_batch is None or max_batch >= 1, f"max_batch must be >= 1, got {max_batch}")
     keep = rng.permutation(len(prompts))[:max_pairs]  # (n,) at random, capped
     if not len(keep):
         return None
@@ -640,6 +649,7 @@ def verdict_aux_loss(
         )
 
     aux_loss.pairs = len(keep)
+    aux_loss.min_steps = math.ceil(len(keep) / (max_batch or len(keep)))
     return aux_loss
 
 
@@ -695,7 +705,7 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], fmt: Pro
     was_training = model.training
     model.eval()  # no dropout noise in the probe
     params = [p for p in model.parameters() if p.requires_grad]
-    cosines, ratios, states, moves = [], [], [], []
+    cosines, ratios = [], []
     for obs_good, obs_flawed, action in pairs:
         observations = [obs_good, obs_flawed]
         logps = text_action_logprobs(model, tokenizer, observations, [action, action], fmt)  # (2,)
@@ -712,25 +722,8 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], fmt: Pro
             cosines.append(dot / math.sqrt(good_sq * flawed_sq))
         if good_sq > 0:
             ratios.append(dot / good_sq)
-        with torch.no_grad():  # left-padded: both rows end with the move's last token
-            prompts = no_history_prompts(tokenizer, observations, fmt)
-            move = action_ids_for(tokenizer, action, fmt)
-            both = [p + move for p in prompts]
-            ids, attention, positions = model_inputs(model, both, tokenizer.pad_token_id)
-            out = model(
-                input_ids=ids,
-                attention_mask=attention,
-                position_ids=positions,
-                output_hidden_states=True,
-                use_cache=False,
-                logits_to_keep=1,
-            )
-            hidden = out.hidden_states[-1].float()  # (2, T, d)
-        states.append(hidden[:, -len(move) - 1])  # (2, d) where the move is predicted
-        moves.append(hidden[:, -1])  # (2, d) the move's last token
+    states, moves = twin_hidden_states(model, tokenizer, pairs, fmt)  # (pairs, 2, d) each
     model.train(was_training)
-    states = torch.stack(states)  # (pairs, 2, d)
-    moves = torch.stack(moves)  # (pairs, 2, d)
     # One pair has no centred cosine: centred on its own two states, the twins are each other's
     # negative, a cosine of -1 by construction.
     centred = states - states.mean(dim=(0, 1))  # (pairs, 2, d)
@@ -746,6 +739,31 @@ def coupling_probe(model, tokenizer, pairs: list[tuple[str, str, str]], fmt: Pro
         "hidden_cos_move": twin_cosine(moves),
         "hidden_cos_centred": twin_cosine(centred) if len(pairs) > 1 else math.nan,
     }
+
+
+@torch.no_grad()
+def twin_hidden_states(model, tokenizer, pairs: list[tuple[str, str, str]], fmt: PromptFormat):
+    """The last layer's hidden states of each (obs_good, obs_flawed, action) pair's twins, in the
+    model's current mode: (states, moves), (pairs, 2, d) each, float32; states where the move is
+    predicted, moves at the move's last token."""
+    states, moves = [], []
+    for obs_good, obs_flawed, action in pairs:  # left-padded: both rows end with the move
+        prompts = no_history_prompts(tokenizer, [obs_good, obs_flawed], fmt)
+        move = action_ids_for(tokenizer, action, fmt)
+        both = [p + move for p in prompts]
+        ids, attention, positions = model_inputs(model, both, tokenizer.pad_token_id)
+        out = model(
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=positions,
+            output_hidden_states=True,
+            use_cache=False,
+            logits_to_keep=1,
+        )
+        hidden = out.hidden_states[-1].float()  # (2, T, d)
+        states.append(hidden[:, -len(move) - 1])  # (2, d) where the move is predicted
+        moves.append(hidden[:, -1])  # (2, d) the move's last token
+    return torch.stack(states), torch.stack(moves)  # (pairs, 2, d) each
 
 
 def balanced_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
@@ -805,9 +823,11 @@ def grpo_iteration(
     ref_model=None,
     credit=None,
     labeller=None,
+    verdict_rng: np.random.Generator | None = None,
 ):
     """One iteration at the optimizer's current learning rate. Returns its row of statistics and
-    what was played: (row, moves, rewards (B, G), groups). `credit` and `labeller`: the lab's."""
+    what was played: (row, moves, rewards (B, G), groups). `credit` and `labeller`: the lab's.
+    `verdict_rng`: the verdict's own draws (needed with --cls-coef), apart from `rng`'s layouts."""
     started = time.time()
     # 1. Sample: G episodes on each of B train layouts drawn at random, all stepping together.
     moves, rewards, groups = sample_groups(model, tokenizer, layouts, rng, generator, s, fmt)
@@ -826,8 +846,11 @@ def grpo_iteration(
             labelled = advantage_labelled_pairs(prompts, actions, advantages)  # sign of A
         else:
             labelled = labeller(moves, advantages, tokenizer)  # the lab's oracle labels
+        require(verdict_rng is not None, "--cls-coef > 0 draws its pairs from a verdict_rng")
         pad = tokenizer.pad_token_id
-        aux_loss = verdict_aux_loss(model, *labelled, verdict, pad, rng, s.cls_samples)
+        aux_loss = verdict_aux_loss(
+            model, *labelled, verdict, pad, verdict_rng, s.cls_samples, s.cls_batch
+        )
     # 4. Update: the clipped surrogate on the moves with A != 0 (+ KL, + the verdict's loss).
     stats = grpo_update(
         model,
@@ -925,6 +948,14 @@ class Settings:
     render_every: int = arg(50, "print one sampled episode every this many iterations (0 = never)")
     cls_coef: float = arg(0.0, "weight of the actor's good/bad classification loss (GCD; 0 = off)")
     cls_samples: int = arg(128, "at most this many labelled (state, move) pairs per iteration")
+    cls_batch: int = arg(
+        64, "at most this many labelled pairs per gradient step (more: more steps)"
+    )
+    cls_warmup_steps: int = arg(
+        0, "GCD's cold start: steps of the verdict alone on oracle labels before RL (0 = none)"
+    )
+    cls_lr: float = arg(5e-5, "AdamW learning rate of the verdict's warm-up")
+    cls_warmup_states: int = arg(8, "random train states per verdict warm-up step (4 moves each)")
     probe_pairs: int = arg(16, "coupled (good, flawed) state pairs in the gradient-coupling probe")
     probe_states: int = arg(128, "start states per eval set of the verdict's accuracy (and probes)")
     model: str = arg(
@@ -954,14 +985,15 @@ class Settings:
                 "used with a --model: the built-in model's word tokenizer has no chat template",
             ),
         }
-        for name in ("lr", "sft_lr", "temperature"):
+        for name in ("lr", "sft_lr", "cls_lr", "temperature"):
             value = getattr(self, name)
             rules[name] = (value > 0 and math.isfinite(value), "a positive number")
         at_least = {
             1: "tasks_per_iter epochs minibatch_moves max_action_tokens sft_batch eval_every "
-            "eval_tasks cls_samples probe_pairs probe_states tiny_layers tiny_dim",
+            "eval_tasks cls_samples cls_batch cls_warmup_states probe_pairs probe_states "
+            "tiny_layers tiny_dim",
             0: "iters data_seed lr_warmup_iters clip_eps kl_coef history sft_steps render_every "
-            "cls_coef",
+            "cls_coef cls_warmup_steps",
         }
         for least, names in at_least.items():
             for name in names.split():
@@ -1084,18 +1116,8 @@ def sft_warmup(
     for _ in range(steps):
         prompts, targets = [], []
         for env in (envs[k] for k in rng.integers(len(envs), size=batch)):
-            pos = env.free_cells()[rng.integers(len(env.free_cells()))]  # a random state
-            turns = []
-            walk = int(rng.integers(min(history, env.max_steps - 1) + 1)) if history else 0
-            for _ in range(walk):
-                options = [a for a in toy_env.ACTIONS if env.next_pos(pos, a) != env.goal]
-                move = options[rng.integers(len(options))]
-                seen = encode_observations(tokenizer, [env.observation(pos)])[0]
-                turns.append((seen, action_ids_for(tokenizer, move, fmt)))
-                pos = env.next_pos(pos, move)
-            good = env.good_actions(pos)
-            observation_ids = encode_observations(tokenizer, [env.observation(pos)])[0]
-            prompts.append(history_prompt(fmt, turns, observation_ids, history))
+            prompt, good = random_state(env, tokenizer, rng, fmt, history)
+            prompts.append(prompt)
             target = good[rng.integers(len(good))]  # a good move
             targets.append(action_ids_for(tokenizer, target, fmt))
         logp, on_action = action_token_logprobs(
@@ -1111,6 +1133,74 @@ def sft_warmup(
             took = shown - started
             log(f"warm-up: step {len(losses)}/{steps}, nll {losses[-1]:.3f} ({took:.0f}s)")
     return losses
+
+
+def random_state(env, tokenizer, rng: np.random.Generator, fmt: PromptFormat, history: int = 0):
+    """A random state of `env` in the format RL will show it, and the oracle's good moves there:
+    (prompt ids, good moves). With history > 0 a random walk of 0..history turns (bumps
+    included, never onto the goal, never more than an episode can have) leads to the state."""
+    pos = env.free_cells()[rng.integers(len(env.free_cells()))]  # a random cell
+    turns = []
+    walk = int(rng.integers(min(history, env.max_steps - 1) + 1)) if history else 0
+    for _ in range(walk):
+        options = [a for a in toy_env.ACTIONS if env.next_pos(pos, a) != env.goal]
+        move = options[rng.integers(len(options))]
+        seen = encode_observations(tokenizer, [env.observation(pos)])[0]
+        turns.append((seen, action_ids_for(tokenizer, move, fmt)))
+        pos = env.next_pos(pos, move)
+    good = env.good_actions(pos)
+    observation_ids = encode_observations(tokenizer, [env.observation(pos)])[0]
+    return history_prompt(fmt, turns, observation_ids, history), good
+
+
+def verdict_warmup(
+    model,
+    tokenizer,
+    layouts: list[str],
+    steps: int,
+    lr: float,
+    states: int,
+    rng: np.random.Generator,
+    fmt: PromptFormat,
+    verdict: VerdictFormat,
+    history: int = 0,
+    log=None,
+) -> list[float]:
+    """GCD's cold start: the verdict alone, on the oracle's labels, before RL. Each step: `states`
+    random train states (as sft_warmup draws them), all 4 moves at each, labelled good (1) or bad
+    (0); the balanced cross-entropy, one AdamW step at `lr`, gradient norm clipped at 1. Its own
+    optimizer and rate: on SmolLM2, at the policy's rate (2e-5, shared with the policy gradient)
+    the verdict stays at chance, at the warm-up's (3e-4) it collapses to one answer (RESULTS.md).
+    Returns each step's loss; `log`: a progress line every 30 seconds."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    envs = [toy_env.GridWorld.from_string(x) for x in layouts]
+    losses = []
+    started = shown = time.time()
+    for _ in range(steps):
+        prompts, actions, labels = [], [], []
+        for env in (envs[k] for k in rng.integers(len(envs), size=states)):
+            prompt, good = random_state(env, tokenizer, rng, fmt, history)
+            for action in toy_env.ACTIONS:  # every move: the verdict must tell them apart
+                prompts.append(prompt)
+                actions.append(action_ids_for(tokenizer, action, fmt))
+                labels.append(int(action in good))
+        pad = tokenizer.pad_token_id
+        loss = classification_loss(model, prompts, actions, torch.tensor(labels), verdict, pad)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"the verdict's warm-up loss is {loss.item()}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        if log and time.time() - shown > 30:
+            shown = time.time()
+            took = shown - started
+            log(f"verdict warm-up: step {len(losses)}/{steps}, loss {losses[-1]:.3f} ({took:.0f}s)")
+    return losses
+
+
+VERDICT_STREAM = 1  # the verdict's random stream: np.random.default_rng([seed, VERDICT_STREAM])
 
 
 def warm_start(model, tokenizer, s: Settings, log=print) -> dict:
@@ -1290,6 +1380,30 @@ def train(
     rng = np.random.default_rng()
     rng.bit_generator.state = start["rng"]  # as the warm-up left it: same runs either way
     generator = torch.Generator(device=device).manual_seed(s.seed)  # rollout sampling
+    # The verdict draws from a stream of its own: with and without it, RL draws the same layouts.
+    verdict_rng = np.random.default_rng([s.seed, VERDICT_STREAM])
+    verdict_s = 0.0
+    if s.cls_warmup_steps:
+        t = time.time()
+        losses = verdict_warmup(
+            model,
+            tokenizer,
+            pool,
+            s.cls_warmup_steps,
+            s.cls_lr,
+            s.cls_warmup_states,
+            verdict_rng,
+            fmt,
+            verdict,
+            s.history,
+            log,
+        )
+        verdict_s = time.time() - t
+        last = float(np.mean(losses[-10:]))
+        log(
+            f"verdict warm-up: {len(losses)} steps, loss {losses[0]:.3f} -> {last:.3f} "
+            f"(mean of the last 10) ({verdict_s:.1f}s)"
+        )
     ref_model = copy.deepcopy(model) if s.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
     measured = {0: measure(model, tokenizer, s, 0, probes, log)}
@@ -1311,6 +1425,7 @@ def train(
                 ref_model,
                 credit,
                 labeller,
+                verdict_rng,
             )
             row = {"iter": it, **row}
             if it % s.eval_every == 0 or it == s.iters:
@@ -1341,6 +1456,7 @@ def train(
         "no_signal_iters_frac": float(np.mean(no_signal)) if rows else math.nan,
         "decisions_per_second": sum(r["moves"] for r in rows) / max(rollout_s, 1e-9),
         "sft_s": round(start["sft_s"], 2),
+        "cls_warmup_s": round(verdict_s, 2),
         **{key: round(sum(r.get(key, 0.0) for r in [measured[0], *rows]), 2) for key in TIMES},
         "wall_seconds": round(time.time() - begin, 2),
         "torch_threads": torch.get_num_threads(),

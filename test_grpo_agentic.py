@@ -62,6 +62,8 @@ LAB_COLUMNS = [  # what the lab's probes add (experiments.lab_probes)
     "p_flawed_max",
     "p_repeat_bump",
     "cls_bacc_after_bump",
+    "hidden_cos_ci",
+    "hidden_cos_centred_ci",
 ]
 
 
@@ -1489,11 +1491,12 @@ def test_compare_writes_paired_tables_and_resumes_in_worker_processes(tmp_path, 
     table = (tmp_path / "compare.md").read_text()
     header = "| paired difference | gigpo - grpo |"
     assert table.count("## History H = ") == 2 and table.count("## Between regimes") == 1
-    assert table.count("### ") == 8 and table.count(header) == 8  # 4 tables per regime
+    assert table.count("### ") == 10 and table.count(header) == 8  # 4 tables + seeds, a regime
     assert table.count("| grpo: end - start |") == 6  # chain, success, anatomy, per regime
     assert table.count("not measured at the start") == 2  # the self-check: at the end only
     for key in ("adv_flawed_rel", "hidden_cos", "eval_held_out_success_self_check"):
-        assert table.count(f"| {key} | ") == 4 + (key in experiments.BETWEEN)  # + between
+        seed_rows = 4 * (key in experiments.PER_SEED)  # an arm's row a regime, seed by seed
+        assert table.count(f"| {key} | ") == 4 + seed_rows + (key in experiments.BETWEEN)
     ends = {}
     for arm in ("grpo", "gigpo"):
         for h in (0, 1):
@@ -1504,9 +1507,12 @@ def test_compare_writes_paired_tables_and_resumes_in_worker_processes(tmp_path, 
         r.rstrip(" |").split(" | ") for r in table.splitlines() if r.startswith("| hidden_cos |")
     ]
     diff = experiments.show_interval([ends["gigpo", 1, x] - ends["grpo", 1, x] for x in (0, 1)])
-    assert rows[3][1] == diff  # regime H = 1: gigpo - grpo, from the runs' summaries
+    assert rows[5][1] == diff  # regime H = 1: gigpo - grpo, from the runs' summaries
+    assert rows[7][1:] == ["gigpo", *(f"{ends['gigpo', 1, x]:.3f}" for x in (0, 1))]  # by seed
     between = experiments.show_interval([ends["gigpo", 1, x] - ends["gigpo", 0, x] for x in (0, 1)])
-    assert rows[4][2] == between  # gigpo: h1 - h0
+    assert rows[8][2] == between  # gigpo: h1 - h0
+    log = (tmp_path / "grpo-h0-seed0.log").read_text()  # a run's log beside it; the first arm
+    assert "warm-up: " in log and "warm start: " in log and log.rstrip().endswith("grpo-h0-seed0/")
     runs = [d for d in tmp_path.iterdir() if d.is_dir()]
     settings = {d.name: experiments.run_fields(d) for d in runs}
     assert len(settings) == 8 and settings["grpo-h0-seed1"]["seed"] == 1
@@ -3087,3 +3093,106 @@ def test_ids_past_the_vocabulary_and_zero_epochs_are_refused():
         ga.model_inputs(model, [[3, 4], [model.config.vocab_size]], 0)
     with pytest.raises(ValueError, match="epochs must be >= 1"):
         one_move_update(model, 1.0, epochs=0)
+
+
+# ---- GCD's verdict: bounded steps, a stream of its own, a warm-up (issue 37) -------------------
+def test_the_verdicts_pairs_take_bounded_steps_of_their_own(tiny, monkeypatch):
+    """10 labelled pairs, at most 4 a step, one move with A != 0: the update takes 3 steps whose
+    backward passes hold 4, 3 and 3 pairs (every pair once). Bug caught: the bound ignored (all
+    10 pairs in the one minibatch the moves make: memory grows with the pairs), or pairs lost."""
+    s, model, tokenizer = tiny
+    moves, _, _ = play(model, tokenizer, mixed_layouts()[:3], 2, 4, 1.0)
+    _, verdict = ga.toy_formats(tokenizer, chat=False)
+    prompts = [m.prompt_ids for m in moves][:10]
+    actions = [m.action_ids for m in moves][:10]
+    labels = torch.tensor([k % 2 for k in range(10)])
+    judged = []
+    real_loss = ga.classification_loss
+
+    def recording_loss(model, prompts, actions, labels, verdict, pad_id):
+        judged.append([tuple(p + a) for p, a in zip(prompts, actions)])
+        return real_loss(model, prompts, actions, labels, verdict, pad_id)
+
+    monkeypatch.setattr(ga, "classification_loss", recording_loss)
+    pad = tokenizer.pad_token_id
+    for bound, sizes in ((4, [3, 3, 4]), (None, [10])):
+        rng = np.random.default_rng(0)
+        aux = ga.verdict_aux_loss(model, prompts, actions, labels, verdict, pad, rng, None, bound)
+        assert aux.min_steps == len(sizes)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        steps = []
+        optimizer.register_step_post_hook(lambda *_: steps.append(1))
+        judged.clear()
+        advantages = torch.zeros(len(moves))
+        advantages[0] = 1.0  # one move with A != 0: one minibatch of moves
+        one_update(
+            model,
+            tokenizer,
+            moves,
+            advantages=advantages,
+            optimizer=optimizer,
+            aux_loss=aux,
+            aux_coef=1.0,
+        )
+        assert len(steps) == len(sizes) and sorted(len(x) for x in judged) == sizes
+        every_pair = sorted(tuple(p + a) for p, a in zip(prompts, actions))
+        assert sorted(pair for step in judged for pair in step) == every_pair
+
+
+def first_observations(moves) -> list[list[int]]:
+    """Each episode's first observation, in episode order: which layouts an iteration played."""
+    first = {}
+    for m in moves:
+        first.setdefault(m.episode, m.observation_ids)
+    return [first[e] for e in sorted(first)]
+
+
+def test_gcd_arms_play_the_same_layouts_as_grpo(tmp_path):
+    """Paired arms by construction: from one warm start, GRPO and GRPO + the verdict (with and
+    without the verdict's warm-up) draw the same layouts every iteration, and without a warm-up
+    their first iteration's episodes are the same moves. Bug caught: the verdict drawing its
+    pairs (or warm-up states) from the stream that picks layouts, so that from iteration 2 the arms
+    train on different layouts and their difference mixes the verdict with the luck of the draw."""
+    s = ga.Settings(**{**TINY, "iters": 3, "eval_every": 3, "probe_states": 2})
+    model, tokenizer = ga.load_policy(s, torch.device("cpu"))
+    start = ga.warm_start(model.eval(), tokenizer, s, log=lambda *_: None)
+    played, weights = {}, {}
+    arms = {"grpo": {}, "gcd": {"cls_coef": 0.5}, "gcd+warm-up": {"cls_coef": 0.5}}
+    arms["gcd+warm-up"]["cls_warmup_steps"] = 2
+    for arm, changes in arms.items():
+        record = played[arm] = []
+
+        def credit(rewards, moves, record=record):
+            record.append(moves)
+            return ga.move_advantages(rewards, [m.episode for m in moves])
+
+        arm_s = dataclasses.replace(s, **changes)
+        os.makedirs(tmp_path / arm)
+        oracle = experiments.oracle_labelled_pairs  # pairs whatever the advantages
+        ga.train(model, tokenizer, arm_s, str(tmp_path / arm), print, start, (), credit, oracle)
+        weights[arm] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    for arm in ("gcd", "gcd+warm-up"):
+        layouts = [first_observations(moves) for moves in played[arm]]
+        assert layouts == [first_observations(moves) for moves in played["grpo"]], arm
+        assert not torch.equal(weights[arm], weights["grpo"])  # the verdict did train
+    same = [(m.prompt_ids, m.action_ids) for m in played["gcd"][0]]
+    assert same == [(m.prompt_ids, m.action_ids) for m in played["grpo"][0]]
+
+
+def test_the_verdict_warm_up_learns_the_oracles_labels_on_the_tiny_model(tiny):
+    """40 steps of the verdict alone (8 random states x 4 moves, oracle labels) from the tiny
+    model: its balanced cross-entropy falls and its balanced accuracy at held-out start states
+    rises from chance. Bug caught: labels that do not follow the oracle (shuffled, or every move
+    of a state labelled alike), which leave nothing to learn; no step taken."""
+    s, model, tokenizer = tiny
+    fmt, verdict = ga.toy_formats(tokenizer, chat=False)
+    layouts = toy_env.sample_layouts("train", 32, seed=0)
+    held_out = [toy_env.GridWorld.from_string(x) for x in toy_env.sample_layouts("held_out", 32, 0)]
+    prompts = ga.no_history_prompts(tokenizer, [env.observation() for env in held_out], fmt)
+    good = [env.good_actions() for env in held_out]
+    before = ga.classification_bacc(model, tokenizer, prompts, good, fmt, verdict)
+    rng = np.random.default_rng(0)
+    losses = ga.verdict_warmup(model, tokenizer, layouts, 40, 3e-3, 8, rng, fmt, verdict)
+    after = ga.classification_bacc(model, tokenizer, prompts, good, fmt, verdict)
+    assert len(losses) == 40 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
+    assert abs(before - 0.5) < 0.1 and after > 0.65, (before, after)
