@@ -619,11 +619,20 @@ def differences(wanted: dict, found: dict) -> str:
     )
 
 
+AS_BEFORE_THEIR_FLAGS = {  # what a run made before each of these flags existed trained as
+    "chat": False,  # plain prompts
+    "cls_batch": 128,  # no bound beyond --cls-samples' 128
+    "cls_warmup_steps": 0,  # no verdict warm-up
+    "cls_lr": 5e-5,
+    "cls_warmup_states": 8,
+}
+
+
 def run_fields(run_dir: str) -> dict:
     """The settings a run was made with: settings.json and, for a lab run, lab.json (runs made
     before the lab's flags left grpo_agentic.Settings hold them all in settings.json)."""
     with open(os.path.join(run_dir, "settings.json")) as f:
-        fields = {"chat": False, **json.load(f)}  # runs made before --chat had plain prompts
+        fields = {**AS_BEFORE_THEIR_FLAGS, **json.load(f)}  # older runs lack later flags
     if os.path.exists(os.path.join(run_dir, "lab.json")):
         with open(os.path.join(run_dir, "lab.json")) as f:
             fields.update(json.load(f))

@@ -3,13 +3,15 @@
     pip install -r requirements.txt && python grpo_agentic.py    # about 85 s on 2 CPU cores
     python grpo_agentic.py --help                                # every setting, with its meaning
     python grpo_agentic.py --model runs/<run>/policy --iters 0 --sft-steps 0   # evaluate a policy
+    torchrun --standalone --nproc_per_node 2 grpo_agentic.py     # data-parallel, a rank per GPU
 
 A tiny Llama (built from a config: nothing is downloaded) is warm-started on oracle moves, then
 trained with GRPO. Each iteration it plays G episodes on each of B layouts; every turn it reads the
 grid as text (with --history H, also its last H turns) and *writes* its move; the reward is 1 if the
 goal is reached within the budget, else 0. Every move inherits its episode's advantage: the reward
 standardised within its group of G. With --cls-coef the actor also learns to judge its own moves
-good or bad (the paper's classification objective, GCD: Generative Classification Disentanglement).
+good or bad (the paper's classification objective, GCD: Generative Classification Disentanglement;
+--cls-warmup-steps first trains the verdict alone, at its own --cls-lr).
 Every --eval-every iterations: greedy success on seen and unseen layouts, the verdict's accuracy
 and the gradient-coupling probe. `--model` trains a pretrained causal LM instead (a .gguf too).
 
@@ -22,8 +24,9 @@ Reading path. The lesson comes first, in the order the data flows:
   5. Diagnostics                squeezing_step, text_action_logprobs, coupling_probe
   6. One GRPO iteration         grpo_iteration: sample -> credit -> verdict's pairs -> update
 Then what runs it on the toy (Settings, warm-up, evaluation, train, main), and an appendix to skip
-on a first read: the checks (each core function calls one at its door), padding, the chat
-template's pieces, the tiny model, loading. One contract from the appendix matters everywhere:
+on a first read: the checks (each core function calls one at its door), padding, data parallel
+under torchrun (sums over ranks: the identity in one process), the chat template's pieces, the tiny
+model, loading. One contract from the appendix matters everywhere:
 batches are left-padded (left_pad), positions count real tokens only, and every sequence ends at
 the right edge, so the sampler and the scorer see each token at the same position; a head of 32 or
 more ids that every row shares (a chat's system turn) runs once per batch (forward_batch).
@@ -366,10 +369,12 @@ def grpo_loss(
     clip_eps: float,
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    num_tokens=None,
 ):
     """PPO-clipped surrogate over the action tokens, token-level mean, plus an optional KL.
     logp, old_logp, ref_logp, action_mask (N, K) as action_token_logprobs gives them; advantages
-    (N,). Sums run over the action tokens t (action_mask_t = 1); n_tok is their count:
+    (N,). Sums run over the action tokens t (action_mask_t = 1); n_tok is their count, or
+    `num_tokens` (under torchrun: every process's count, so that the mean is over all of them):
 
         ratio_t = exp(logp_t - old_logp_t)
         L_pg    = -(1 / n_tok) * sum_t min(ratio_t * A, clip(ratio_t, 1 - eps, 1 + eps) * A)
@@ -383,37 +388,42 @@ def grpo_loss(
     # Normaliser: every action token of the minibatch weighs the same (DAPO's token-level mean),
     # however the tokens split into moves and episodes.
     n_tok = on_action.sum().clamp(min=1)
+    n_mean = n_tok if num_tokens is None else num_tokens  # the mean's denominator
     # Padding is left out before any exp, so it can never overflow into NaN.
     adv = advantages[:, None].expand_as(logp)[on_action]  # (n_tok,) each token its move's A
     ratio = torch.exp(logp[on_action] - old_logp[on_action])  # (n_tok,)
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # (n_tok,)
-    pg_loss = -surrogate.sum() / n_tok
+    pg_loss = -surrogate.sum() / n_mean
     loss = pg_loss
     kl = torch.zeros((), device=logp.device)
     if ref_logp is not None and kl_coef > 0:
         d = ref_logp[on_action] - logp[on_action]  # (n_tok,) Schulman's k3 of KL(pi || pi_ref)
-        kl = (torch.exp(d) - d - 1).sum() / n_tok
+        kl = (torch.exp(d) - d - 1).sum() / n_mean
         loss = pg_loss + kl_coef * kl
     deviation = (ratio.detach() - 1).abs()  # (n_tok,)
     info = {
         "pg_loss": pg_loss.item(),
-        "clip_frac": (deviation > clip_eps).float().sum().item() / n_tok.item(),
+        "clip_frac": (deviation > clip_eps).float().sum().item() / float(n_mean),
         "kl": kl.item(),
         "ratio_dev": deviation.max().item() if len(deviation) else 0.0,
     }
     return loss, info
 
 
-def minibatches(n: int, size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """A fresh shuffle of range(n) cut into round(n / size) near-equal minibatches (sizes differ
-    by at most 1), so that no tiny remainder gets a full optimiser step of its own.
+def minibatches(
+    n: int, size: int, rng: np.random.Generator, total: int | None = None
+) -> list[np.ndarray]:
+    """A fresh shuffle of range(n) cut into round(total / size) near-equal minibatches (sizes
+    differ by at most 1), so that no tiny remainder gets a full optimiser step of its own.
+    `total`: the moves of every process (torchrun), so that each cuts its n into as many; n.
 
     >>> [len(b) for b in minibatches(600, 256, np.random.default_rng(0))]
     [300, 300]
     """
     require(size >= 1, f"a minibatch holds at least one move, got size {size}")
     require(hasattr(rng, "permutation"), "rng: a numpy Generator, np.random.default_rng(seed)")
-    return np.array_split(rng.permutation(n), max(1, round(n / size)))
+    total = n if total is None else total
+    return np.array_split(rng.permutation(n), max(1, round(total / size)))
 
 
 RATIO_TOLERANCE = 1e-3  # the first minibatch's max |ratio - 1| when sampler and scorer agree
@@ -458,17 +468,22 @@ def grpo_update(
     # Moves with A = 0 have no gradient through the surrogate: left in, they would only dilute
     # the token mean (and take the KL where they carry no signal).
     signal = (advantages != 0).nonzero().flatten().tolist()  # indices of moves with A != 0
-    if not signal and aux_loss is None:
+    # torchrun: each process (rank) holds a share of the moves. Counts are summed over all of
+    # them (ranks_sum; the count itself in one process), so that every rank takes the same
+    # steps, each on the token mean over every rank's tokens, summing their gradients.
+    total = ranks_sum(len(signal))
+    if not total and aux_loss is None:
         warnings.warn("every advantage is 0 (no group with mixed rewards): no step", stacklevel=2)
     steps = []
-    for _ in range(epochs if signal or aux_loss else 0):
-        parts = minibatches(len(signal), minibatch_moves, rng)  # [empty] when there is no signal
+    for _ in range(epochs if total or aux_loss else 0):
+        parts = minibatches(len(signal), minibatch_moves, rng, total)  # [empty]: no signal here
         # An aux loss with more than the moves' minibatches can carry (GCD's pairs, when few moves
         # have A != 0) gets steps of its own, so that no backward pass holds more than its bound.
         parts += [np.array([], dtype=int)] * (getattr(aux_loss, "min_steps", 1) - len(parts))
         for k, part in enumerate(parts):
             loss = torch.zeros((), device=device)
             info = {"pg_loss": math.nan, "clip_frac": math.nan, "kl": math.nan}
+            tokens = ranks_sum(sum(len(actions[signal[j]]) for j in part))  # torchrun: all ranks'
             if len(part):
                 idx = [signal[j] for j in part]
                 batch_prompts = [prompts[i] for i in idx]
@@ -486,7 +501,9 @@ def grpo_update(
                             ref_model, batch_prompts, batch_actions, pad_id, temperature
                         )  # (n, K)
                 move_adv = advantages[idx].to(device)  # (n,)
-                loss, info = grpo_loss(logp, old, move_adv, on_action, clip_eps, ref, kl_coef)
+                loss, info = grpo_loss(
+                    logp, old, move_adv, on_action, clip_eps, ref, kl_coef, num_tokens=tokens
+                )
                 # The first minibatch is scored by the very weights that sampled: ratio 1.
                 if not steps and info["ratio_dev"] > RATIO_TOLERANCE:
                     warnings.warn(
@@ -503,7 +520,9 @@ def grpo_update(
             if not torch.isfinite(loss):
                 raise NonFiniteError(f"the GRPO loss is {loss.item()}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad:  # not so for a rank whose share of this step is empty
+                loss.backward()
+            sum_gradients(model)  # torchrun: every rank's gradient, summed, on every rank
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             info["loss"] = loss.item()
@@ -792,6 +811,8 @@ def sample_groups(model, tokenizer, layouts, rng, generator, s: Settings, fmt: P
     """G episodes on each of B layouts drawn from `layouts` with `rng`, played by rollout:
     (moves, rewards (B, G), groups)."""
     picked = rng.choice(len(layouts), size=s.tasks_per_iter, replace=False)  # (B,)
+    rank, world = rank_and_world()
+    picked = np.array_split(picked, world)[rank]  # torchrun: this rank's share of the B groups
     groups = [
         [toy_env.GridWorld.from_string(layouts[b]) for _ in range(s.group_size)] for b in picked
     ]  # B lists of G environments: a group is one task's G episodes
@@ -872,9 +893,9 @@ def grpo_iteration(
     )
     stats = {"cls_loss" if k == "aux_loss" else k: v for k, v in stats.items()}  # GCD's loss
     row = {
-        **rollout_stats(moves, rewards, advantages),
+        **rollout_stats(*everyones(moves, rewards, advantages)),  # torchrun: every rank's
         "lr": optimizer.param_groups[0]["lr"],
-        **stats,
+        **update_stats_over_ranks(stats),
         "cls_pairs": aux_loss.pairs if aux_loss else 0,
         "rollout_s": round(sampled - started, 3),
         "update_s": round(time.time() - sampled, 3),
@@ -949,7 +970,7 @@ class Settings:
     cls_coef: float = arg(0.0, "weight of the actor's good/bad classification loss (GCD; 0 = off)")
     cls_samples: int = arg(128, "at most this many labelled (state, move) pairs per iteration")
     cls_batch: int = arg(
-        64, "at most this many labelled pairs per gradient step (more: more steps)"
+        128, "at most this many labelled pairs per gradient step (more: more steps)"
     )
     cls_warmup_steps: int = arg(
         0, "GCD's cold start: steps of the verdict alone on oracle labels before RL (0 = none)"
@@ -1342,6 +1363,7 @@ def render_episode(moves: list[Move], rewards: torch.Tensor, env, it: int) -> st
 
 
 TIMES = ("rollout_s", "update_s", "eval_s", "probe_s")  # seconds, summed over the run
+RANK_SEED_STRIDE = 1_000_003  # torchrun: rank r samples from a generator seeded seed + r * this
 
 
 def train(
@@ -1377,9 +1399,12 @@ def train(
     )
     start = start or warm_start(model, tokenizer, s, log)  # its weights: a copy, on the CPU
     model.load_state_dict(start["policy"])
+    same_weights_everywhere(model)  # torchrun: rank 0's warm start on every rank
     rng = np.random.default_rng()
     rng.bit_generator.state = start["rng"]  # as the warm-up left it: same runs either way
-    generator = torch.Generator(device=device).manual_seed(s.seed)  # rollout sampling
+    rank, world = rank_and_world()
+    # Rollout sampling; torchrun: each rank samples its own episodes (rank 0: as one process).
+    generator = torch.Generator(device=device).manual_seed(s.seed + RANK_SEED_STRIDE * rank)
     # The verdict draws from a stream of its own: with and without it, RL draws the same layouts.
     verdict_rng = np.random.default_rng([s.seed, VERDICT_STREAM])
     verdict_s = 0.0
@@ -1406,9 +1431,10 @@ def train(
         )
     ref_model = copy.deepcopy(model) if s.kl_coef > 0 else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=s.lr)
-    measured = {0: measure(model, tokenizer, s, 0, probes, log)}
+    measured = {0: on_rank_zero(lambda: measure(model, tokenizer, s, 0, probes, log))}
     rows = []
-    with open(os.path.join(out_dir, "metrics.jsonl"), "w", buffering=1) as metrics_file:
+    written = os.path.join(out_dir, "metrics.jsonl") if rank == 0 else os.devnull  # rank 0's
+    with open(written, "w", buffering=1) as metrics_file:
         for it in range(1, s.iters + 1):
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(it, s.lr, s.lr_warmup_iters, s.iters)
@@ -1429,7 +1455,7 @@ def train(
             )
             row = {"iter": it, **row}
             if it % s.eval_every == 0 or it == s.iters:
-                measured[it] = measure(model, tokenizer, s, it, probes, log)
+                measured[it] = on_rank_zero(lambda: measure(model, tokenizer, s, it, probes, log))
                 row.update(measured[it])
             rows.append(row)
             without_nan = {k: None if v != v else v for k, v in row.items()}  # NaN -> null
@@ -1437,6 +1463,10 @@ def train(
             log(log_line(row, s.iters))
             if s.render_every and it % s.render_every == 0:
                 log(render_episode(moves, rewards, groups[0][0], it))
+    if weights_differ_between_ranks(model):
+        raise RuntimeError("the ranks hold different weights at the end: a step was not shared")
+    if world > 1:
+        log(f"torchrun: the {world} ranks hold the same weights at the end (checksums compared)")
     last = measured[max(measured)]
     lemma = {  # Lemma 3.1's columns, (iters,) each
         key: np.array([r[key] for r in rows], dtype=float)
@@ -1470,17 +1500,23 @@ def run(s: Settings, out_dir: str, log=print, **extensions) -> dict:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Loading weights" and "Writing model shards" bars
-    model, tokenizer = load_policy(s, resolve_device(s.device), log)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "settings.json"), "w") as f:
-        json.dump(dataclasses.asdict(s), f, indent=1)
+    device = resolve_device(s.device)
+    if torchrun_ranks() > 1:
+        device = start_ranks(device)  # torchrun: join the other ranks
+    writes = rank_and_world()[0] == 0  # torchrun: rank 0 alone writes the run's files
+    model, tokenizer = load_policy(s, device, log)
+    if writes:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "settings.json"), "w") as f:
+            json.dump(dataclasses.asdict(s), f, indent=1)
     with warnings.catch_warnings():  # each log line says these itself: "no signal", "valid"
         warnings.filterwarnings("ignore", message="every advantage is 0|no move of this rollout")
         summary = train(model, tokenizer, s, out_dir, log, **extensions)
-    model.save_pretrained(os.path.join(out_dir, "policy"))
-    tokenizer.save_pretrained(os.path.join(out_dir, "policy"))
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump({**summary, "settings": dataclasses.asdict(s)}, f, indent=1)
+    if writes:
+        model.save_pretrained(os.path.join(out_dir, "policy"))
+        tokenizer.save_pretrained(os.path.join(out_dir, "policy"))
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump({**summary, "settings": dataclasses.asdict(s)}, f, indent=1)
     start, end = summary["start"], summary["end"]
     signal = 1 - summary["no_signal_iters_frac"]
     log(
@@ -1496,10 +1532,18 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(sys.stdout, "reconfigure"):  # a run sent to a file shows each line as it ends
         sys.stdout.reconfigure(line_buffering=True)
     s = parse_settings(argv)
-    print("settings: " + json.dumps(dataclasses.asdict(s)))
+    ranks = torchrun_ranks()
+    if ranks_error(s, ranks):  # before any work, on every rank: torchrun stops them all
+        print(f"grpo_agentic.py: error: {ranks_error(s, ranks)}", file=sys.stderr)
+        return 2
+    rank = int(os.environ.get("RANK", 0))
+    log = print if rank == 0 else lambda *_: None  # torchrun: rank 0 alone logs
+    log("settings: " + json.dumps(dataclasses.asdict(s)))
     out_dir = s.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-seed{s.seed}")
+    if ranks > 1 and not s.out_dir:  # every rank must name the same directory
+        out_dir = os.path.join("runs", f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'x')}")
     try:
-        run(s, out_dir)
+        run(s, out_dir, log)
     except NonFiniteError as e:
         print(
             f"grpo_agentic.py: stopped: {e}. metrics.jsonl holds every finished iteration; "
@@ -1510,7 +1554,33 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:  # e.g. a --model that transformers cannot load
         print(f"grpo_agentic.py: error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2
+    finally:
+        if rank_and_world()[1] > 1:
+            torch.distributed.destroy_process_group()
     return 0
+
+
+def torchrun_ranks() -> int:
+    """How many processes torchrun started for this run (WORLD_SIZE); 1 without torchrun."""
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def ranks_error(s: Settings, ranks: int) -> str:
+    """What torchrun's number of ranks cannot do with these settings, in one line ('' = all
+    right): each rank plays whole groups, the same number of them."""
+    if ranks == 1:
+        return ""
+    if s.tasks_per_iter % ranks:
+        return (
+            f"--tasks-per-iter {s.tasks_per_iter} layouts cannot be shared evenly by "
+            f"{ranks} ranks (--nproc_per_node): choose a multiple of {ranks}"
+        )
+    if s.cls_coef > 0:
+        return (
+            "--cls-coef under torchrun is not built (the verdict's balanced loss would need its "
+            "class counts summed over the ranks): run GCD in one process"
+        )
+    return ""
 
 
 # ================================ APPENDIX: what runs it, not what it teaches ================
@@ -1759,6 +1829,140 @@ def encode_observations(tokenizer, observations: list[str]) -> list[list[int]]:
     if not observations:  # a tokenizer fails on an empty batch
         return []
     return tokenizer(observations, add_special_tokens=False)["input_ids"]
+
+
+# ---- Data parallel: torchrun --nproc_per_node N runs this file N times, one rank each ---------
+# In one process every function here is the identity (or nothing): the single-process run is the
+# same code. Under torchrun every rank draws the same B layouts, plays its share of the groups
+# (a group never crosses ranks, so advantages stay local), and every update step sums the ranks'
+# gradients, each rank's loss divided by the token count of every rank (ranks_sum).
+DIST_TIMEOUT_MINUTES = 30  # a rank that waits longer than this for the others stops with an error
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, number of ranks): (0, 1) in one process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def collective_device() -> torch.device:
+    """Where tensors sent between ranks live: the GPU for nccl, the CPU for gloo."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def ranks_sum(x):
+    """x summed over every rank: a number (returned as a number) or a tensor (returned on the
+    tensor's device). In one process: x itself."""
+    if rank_and_world()[1] == 1:
+        return x
+    total = torch.as_tensor(x, dtype=torch.float64).to(collective_device()).clone()
+    torch.distributed.all_reduce(total)
+    if isinstance(x, torch.Tensor):
+        return total.to(x.device, x.dtype)
+    return type(x)(total.item())
+
+
+def sum_gradients(model) -> None:
+    """Every parameter's gradient summed over the ranks, in place, in one fixed order (a rank
+    with nothing to differentiate sends zeros), so that every rank takes the very same step."""
+    if rank_and_world()[1] == 1:
+        return
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad)
+
+
+def gathered(value) -> list:
+    """[value of rank 0, value of rank 1, ...]: any picklable value (moves, rewards), for the log.
+    In one process: [value]."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return [value]
+    values = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def same_weights_everywhere(model, source: int = 0) -> None:
+    """Every rank takes rank `source`'s weights (after the warm-up: GPU kernels need not be
+    bit-for-bit alike on every rank)."""
+    if rank_and_world()[1] == 1:
+        return
+    for tensor in model.state_dict().values():
+        on_wire = tensor.to(collective_device())
+        torch.distributed.broadcast(on_wire, source)
+        tensor.copy_(on_wire)
+
+
+def weights_differ_between_ranks(model) -> bool:
+    """Does any rank hold other weights than rank 0? A checksum per rank, compared."""
+    if rank_and_world()[1] == 1:
+        return False
+    with torch.no_grad():
+        vector = torch.cat([p.detach().double().flatten() for p in model.parameters()])
+        checksum = (vector * torch.arange(1, len(vector) + 1, device=vector.device) % 1e6).sum()
+    sums = gathered(checksum.item())
+    return any(x != sums[0] for x in sums)
+
+
+def everyones(moves: list, rewards: torch.Tensor, advantages: torch.Tensor):
+    """Every rank's moves, rewards (B, G) and advantages (N,), for the log (rank 0's first).
+    In one process: these themselves."""
+    if rank_and_world()[1] == 1:
+        return moves, rewards, advantages
+    shares = gathered((moves, rewards.cpu(), advantages.cpu()))
+    every_move = [m for share, _, _ in shares for m in share]
+    return every_move, torch.cat([r for _, r, _ in shares]), torch.cat([a for _, _, a in shares])
+
+
+def update_stats_over_ranks(stats: dict) -> dict:
+    """grpo_update's statistics of the whole step: each rank reports its part of each token mean
+    (divided by every rank's tokens), so the parts add up (a rank with nothing in a step adds
+    nothing); moves add up; the first ratio's deviation is the largest of any rank. Exact when
+    every rank has moves in every step. In one process: these themselves."""
+    if rank_and_world()[1] == 1:
+        return stats
+    shares = gathered(stats)
+    summed = {}
+    for key, value in stats.items():
+        values = [share[key] for share in shares]
+        if all(math.isnan(v) for v in values):
+            summed[key] = math.nan
+        elif key == "ratio_dev_first":
+            summed[key] = max(v for v in values if not math.isnan(v))
+        else:
+            summed[key] = sum(v for v in values if not math.isnan(v))
+    return summed
+
+
+def on_rank_zero(compute):
+    """compute() on rank 0 alone while the other ranks wait (evaluation, probes); every rank gets
+    its result. In one process: compute()."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return compute()
+    result = [compute() if rank == 0 else None]
+    torch.distributed.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def start_ranks(device: torch.device) -> torch.device:
+    """Join torchrun's process group (gloo on the CPU, nccl on CUDA, one GPU per rank) and return
+    this rank's device."""
+    import datetime
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(minutes=DIST_TIMEOUT_MINUTES)
+    torch.distributed.init_process_group(backend, timeout=timeout)
+    return device
 
 
 # ---- Prompt formats: plain text, and the pieces of a chat template ---------------------------

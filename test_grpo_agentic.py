@@ -3196,3 +3196,117 @@ def test_the_verdict_warm_up_learns_the_oracles_labels_on_the_tiny_model(tiny):
     after = ga.classification_bacc(model, tokenizer, prompts, good, fmt, verdict)
     assert len(losses) == 40 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
     assert abs(before - 0.5) < 0.1 and after > 0.65, (before, after)
+
+
+# ---- Data parallel under torchrun (issue 36) ------------------------------------------------
+# Number-line moves of 1 to 3 action tokens: (prompt ids, action ids, advantage).
+NUMBER_LINE_MOVES = [
+    ([3, 18, 4, 20, 5], [6, 2], 1.0),
+    ([3, 19, 4, 20, 5], [7, 6, 2], -0.5),
+    ([3, 21, 4, 17, 5, 3, 20, 4, 17, 5], [7], 0.8),
+    ([3, 12, 4, 20, 5], [6, 2], 0.0),  # A = 0: left out of the loss
+    ([3, 15, 4, 9, 5], [7, 2], -1.2),
+]
+
+
+def update_on_number_line(model, moves) -> dict:
+    """One grpo_update, every move in one minibatch, old log-probs the model's own."""
+    prompts = [p for p, _, _ in moves]
+    actions = [a for _, a, _ in moves]
+    old = []
+    if moves:
+        with torch.no_grad():
+            logp, on_action = ga.action_token_logprobs(model, prompts, actions, 0, 1.0)
+        old = [row[mask].tolist() for row, mask in zip(logp, on_action)]
+    return ga.grpo_update(
+        model,
+        prompts,
+        actions,
+        old,
+        torch.tensor([adv for _, _, adv in moves]),
+        torch.optim.SGD(model.parameters(), lr=0.1),  # Adam's first step: ~lr * sign(g), too
+        np.random.default_rng(0),  # sensitive to rounding where g is ~0 for an exact comparison
+        pad_id=0,
+        temperature=1.0,
+        minibatch_moves=100,
+    )
+
+
+def data_parallel_update_worker(rank: int, world: int, init_file: str, out: str, cases):
+    """One rank of a gloo group: for each case, its share of the moves, one update from the same
+    start, its weights saved."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        for case, shares in enumerate(cases):
+            model, _ = number_line_policy()
+            update_on_number_line(model, shares[rank])
+            weights = [p.detach() for p in model.parameters()]
+            torch.save(weights, os.path.join(out, f"case{case}-rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_data_parallel_update(tmp_path, cases) -> list[list[list[torch.Tensor]]]:
+    """Two gloo ranks spawned, each updating on its share of each case: [case][rank] weights."""
+    import torch.multiprocessing as mp
+
+    args = (2, str(tmp_path / "group"), str(tmp_path), cases)
+    mp.spawn(data_parallel_update_worker, args=args, nprocs=2, join=True)
+    return [[torch.load(tmp_path / f"case{c}-rank{r}.pt") for r in (0, 1)] for c in range(2)]
+
+
+def test_a_data_parallel_update_equals_one_process_on_the_union(tmp_path):
+    """Two gloo ranks holding the moves unevenly (3 moves with A != 0 and 6 action tokens
+    against 1 and 2 tokens beside a move with A = 0; then all 5 moves against none) end one update
+    with the weights one process gets from all five moves, within 1e-6, on both ranks. Bug
+    caught: a per-rank token mean (a token on a rank with few tokens would weigh more: this split
+    gives another step), gradients not summed (the ranks' weights part), a rank with nothing to do
+    that does not join the step's collectives (a hang, or gloo aborts)."""
+    model, _ = number_line_policy()
+    update_on_number_line(model, NUMBER_LINE_MOVES)
+    union = [p.detach() for p in model.parameters()]
+    moves = NUMBER_LINE_MOVES
+    cases = [(moves[:3], moves[3:]), (moves, [])]
+    for ranks in run_data_parallel_update(tmp_path, cases):
+        for weights in ranks:
+            gap = max((a - b).abs().max().item() for a, b in zip(weights, union))
+            assert gap < 1e-6, gap
+        start = number_line_policy()[0].parameters()
+        assert max((a - b).abs().max().item() for a, b in zip(ranks[0], start)) > 1e-3  # a step
+
+
+def test_torchrun_trains_on_two_ranks_with_one_log_and_one_run_directory(tmp_path):
+    """`torchrun --nproc_per_node 2 grpo_agentic.py`, 2 iterations on the built-in model with
+    gloo: it ends, rank 0 alone logs and writes one run directory, the update stepped, and the two
+    ranks' weights are the same at the end (the run compares their checksums and would stop).
+    Bug caught: ranks that write or log over each other, a rank that hangs in a collective the
+    other never calls (the evaluation on rank 0 alone), weights that part between ranks."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node"]
+    command += ["2", os.path.join(HERE, "grpo_agentic.py"), *TINY_ARGS, "--sft-steps", "60"]
+    command += ["--sft-lr", "3e-3"]  # a warm-up after which some groups are mixed: steps
+    command += ["--iters", "2", "--eval-every", "2", "--out-dir", str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = done.stdout
+    assert log.count("settings: ") == 1 and log.count("measure @ iter 2:") == 1
+    assert "the 2 ranks hold the same weights at the end" in log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 2 and any(row["update_moves"] > 0 for row in rows), rows
+
+
+def test_torchrun_refuses_ranks_that_cannot_share_the_groups(monkeypatch, capsys):
+    """B = 4 layouts over 3 ranks, or over 8: one clear line and exit code 2 before any work
+    (every rank stops at once; none waits for the others). Bug caught: an uneven split, where
+    one rank would wait for the others' steps forever."""
+    for ranks in ("3", "8"):
+        monkeypatch.setenv("WORLD_SIZE", ranks)
+        assert ga.main([*TINY_ARGS, "--out-dir", "/nonexistent/never-made"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot be shared evenly" in err and len(err.splitlines()) == 1
+    assert not os.path.exists("/nonexistent")
