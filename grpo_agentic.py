@@ -1866,15 +1866,17 @@ def ranks_sum(x):
 
 
 def sum_gradients(model) -> None:
-    """Every parameter's gradient summed over the ranks, in place, in one fixed order (a rank
-    with nothing to differentiate sends zeros), so that every rank takes the very same step."""
+    """Every parameter's gradient summed over the ranks, in place (a rank with nothing to
+    differentiate sends zeros), so that every rank takes the very same step."""
     if rank_and_world()[1] == 1:
         return
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    # One message, in one fixed order: a message per parameter pays the latency each time.
+    flat = torch.cat([g.flatten() for g in grads]).to(collective_device())
+    torch.distributed.all_reduce(flat)
+    for p, summed in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = summed.view_as(p).to(p.device)
 
 
 def gathered(value) -> list:

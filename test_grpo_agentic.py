@@ -1574,7 +1574,9 @@ def test_compare_tables_hand_computed():
             end[arm, seed] = {key: 0.5 + 0.1 * k + 0.02 * seed for key in keys}
             start[arm, seed] = {key: 0.4 - 0.03 * seed for key in keys}
     table = experiments.tables(end, start, [0, 1], list(experiments.ARMS)).splitlines()
-    means, diffs = [r.rstrip(" |").split(" | ") for r in table if r.startswith("| hidden_cos |")]
+    rows = [r.rstrip(" |").split(" | ") for r in table if r.startswith("| hidden_cos |")]
+    means, diffs, *by_seed = rows  # then a row per arm, seed by seed
+    assert by_seed[3] == ["| hidden_cos", "gigpo", "0.800", "0.820"]  # 0.5 + 0.1 * 3 + 0.02 x
     assert means[1:] == ["0.510", "0.610", "0.710", "0.810"]  # 0.50 + 0.1 k and 0.52 + 0.1 k
     assert diffs[3] == "+0.300 [+0.300, +0.300]"  # gigpo - grpo: 0.3 on both seeds
     # grpo's end - start: 0.10 and 0.15; mean 0.125, half-width 12.706 * 0.0354 / sqrt(2) = 0.318
@@ -3179,23 +3181,42 @@ def test_gcd_arms_play_the_same_layouts_as_grpo(tmp_path):
     assert same == [(m.prompt_ids, m.action_ids) for m in played["grpo"][0]]
 
 
-def test_the_verdict_warm_up_learns_the_oracles_labels_on_the_tiny_model(tiny):
-    """40 steps of the verdict alone (8 random states x 4 moves, oracle labels) from the tiny
-    model: its balanced cross-entropy falls and its balanced accuracy at held-out start states
-    rises from chance. Bug caught: labels that do not follow the oracle (shuffled, or every move
-    of a state labelled alike), which leave nothing to learn; no step taken."""
+def test_the_verdict_warm_up_judges_every_move_of_random_states_by_the_oracle(tiny, monkeypatch):
+    """3 steps of 2 random states: each step judges all 4 moves of each state, labelled 1 where
+    the oracle calls the move good there, and steps the weights. Bug caught: labels that do not
+    follow the oracle (shuffled, or every move of a state labelled alike: nothing to learn),
+    states not drawn at random, no step taken."""
     s, model, tokenizer = tiny
+    model = copy.deepcopy(model)
     fmt, verdict = ga.toy_formats(tokenizer, chat=False)
-    layouts = toy_env.sample_layouts("train", 32, seed=0)
-    held_out = [toy_env.GridWorld.from_string(x) for x in toy_env.sample_layouts("held_out", 32, 0)]
-    prompts = ga.no_history_prompts(tokenizer, [env.observation() for env in held_out], fmt)
-    good = [env.good_actions() for env in held_out]
-    before = ga.classification_bacc(model, tokenizer, prompts, good, fmt, verdict)
+    drawn, judged = [], []
+    real_state, real_loss = ga.random_state, ga.classification_loss
+
+    def recording_state(env, tokenizer, rng, fmt, history=0):
+        prompt, good = real_state(env, tokenizer, rng, fmt, history)
+        drawn.append((prompt, good))
+        return prompt, good
+
+    def recording_loss(model, prompts, actions, labels, verdict, pad_id):
+        judged.append((prompts, actions, labels.tolist()))
+        return real_loss(model, prompts, actions, labels, verdict, pad_id)
+
+    monkeypatch.setattr(ga, "random_state", recording_state)
+    monkeypatch.setattr(ga, "classification_loss", recording_loss)
+    before = [p.detach().clone() for p in model.parameters()]
+    layouts = toy_env.sample_layouts("train", 16, seed=0)
     rng = np.random.default_rng(0)
-    losses = ga.verdict_warmup(model, tokenizer, layouts, 40, 3e-3, 8, rng, fmt, verdict)
-    after = ga.classification_bacc(model, tokenizer, prompts, good, fmt, verdict)
-    assert len(losses) == 40 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.05
-    assert abs(before - 0.5) < 0.1 and after > 0.65, (before, after)
+    losses = ga.verdict_warmup(model, tokenizer, layouts, 3, 1e-3, 2, rng, fmt, verdict)
+    assert len(losses) == 3 and len(judged) == 3 and len(drawn) == 6
+    moves = [ga.action_ids_for(tokenizer, a, fmt) for a in toy_env.ACTIONS]
+    for step, (prompts, actions, labels) in enumerate(judged):
+        for k, (prompt, good) in enumerate(drawn[2 * step : 2 * step + 2]):
+            assert (
+                prompts[4 * k : 4 * k + 4] == [prompt] * 4 and actions[4 * k : 4 * k + 4] == moves
+            )
+            assert labels[4 * k : 4 * k + 4] == [int(a in good) for a in toy_env.ACTIONS]
+    assert len({tuple(p) for p, _ in drawn}) > 1  # not one state over and over
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
 # ---- Data parallel under torchrun (issue 36) ------------------------------------------------
