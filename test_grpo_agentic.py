@@ -3331,3 +3331,24 @@ def test_torchrun_refuses_ranks_that_cannot_share_the_groups(monkeypatch, capsys
         err = capsys.readouterr().err
         assert "cannot be shared evenly" in err and len(err.splitlines()) == 1
     assert not os.path.exists("/nonexistent")
+
+
+def test_under_torchrun_each_rank_plays_its_own_share_of_the_groups(tiny, monkeypatch):
+    """B = 4 layouts drawn alike on 2 ranks: rank 0 plays the first two groups, rank 1 the last
+    two, each group whole (G episodes of one layout). Bug caught: every rank playing all B groups
+    (a batch N times larger, each group counted N times), or groups split across ranks."""
+    s, model, tokenizer = tiny
+    s = dataclasses.replace(s, tasks_per_iter=4, group_size=2)
+    fmt, _ = ga.toy_formats(tokenizer, chat=False)
+    layouts = toy_env.sample_layouts("train", 8, seed=0)
+
+    def played(rank: int, world: int) -> list[list[str]]:
+        monkeypatch.setattr(ga, "rank_and_world", lambda: (rank, world))
+        generator = torch.Generator().manual_seed(0)
+        rng = np.random.default_rng(0)  # the same draw of layouts on every rank
+        groups = ga.sample_groups(model, tokenizer, layouts, rng, generator, s, fmt)[2]
+        return [[env.to_string(env.start) for env in group] for group in groups]  # the layouts
+
+    whole = played(0, 1)
+    assert len(whole) == 4 and all(len(set(group)) == 1 and len(group) == 2 for group in whole)
+    assert played(0, 2) == whole[:2] and played(1, 2) == whole[2:]
