@@ -414,7 +414,7 @@ def lab_probes(s: ga.Settings, self_check: int) -> list:
         spread = {}
         for name, hidden in (("hidden_cos", states), ("hidden_cos_centred", centred)):
             per_pair = torch.cosine_similarity(hidden[:, 0], hidden[:, 1], dim=1).tolist()
-            mean, _, high = paired_interval(per_pair)
+            mean, _, high = paired_interval(per_pair)  # the t-interval of a mean, here over pairs
             spread[f"{name}_ci"] = high - mean
         return spread
 
@@ -621,7 +621,6 @@ def differences(wanted: dict, found: dict) -> str:
 
 AS_BEFORE_THEIR_FLAGS = {  # what a run made before each of these flags existed trained as
     "chat": False,  # plain prompts
-    "cls_batch": 128,  # no bound beyond --cls-samples' 128
     "cls_warmup_steps": 0,  # no verdict warm-up
     "cls_lr": 5e-5,
     "cls_warmup_states": 8,
@@ -633,6 +632,7 @@ def run_fields(run_dir: str) -> dict:
     before the lab's flags left grpo_agentic.Settings hold them all in settings.json)."""
     with open(os.path.join(run_dir, "settings.json")) as f:
         fields = {**AS_BEFORE_THEIR_FLAGS, **json.load(f)}  # older runs lack later flags
+    fields.setdefault("cls_batch", fields.get("cls_samples", 128))  # older: one share per step
     if os.path.exists(os.path.join(run_dir, "lab.json")):
         with open(os.path.join(run_dir, "lab.json")) as f:
             fields.update(json.load(f))
@@ -777,9 +777,12 @@ def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
     from multiprocessing import get_context
 
     check_shared(s)
-    keys = [  # regime by regime, seed by seed: every seed's arms, paired, before the next seed
-        (arm, h, seed) for h in lab.histories for seed in lab.seeds for arm in lab.arms
-    ]
+    # One run at a time: seed by seed, so that every finished seed has both arms (work that stops
+    # leaves pairs). In parallel: arm by arm, so that a seed's first arm makes its warm start
+    # before the others need it (two arms of a seed started together would both make it).
+    keys = [(arm, h, seed) for h in lab.histories for seed in lab.seeds for arm in lab.arms]
+    if lab.workers > 1:
+        keys = [(arm, h, seed) for h in lab.histories for arm in lab.arms for seed in lab.seeds]
     jobs = [job_settings(s, lab, arm, h, seed, out_dir) for arm, h, seed in keys]
     warm_paths = {
         (h, x): os.path.join(out_dir, f"warm-start-h{h}-seed{x}.pt")

@@ -415,10 +415,13 @@ def minibatches(
 ) -> list[np.ndarray]:
     """A fresh shuffle of range(n) cut into round(total / size) near-equal minibatches (sizes
     differ by at most 1), so that no tiny remainder gets a full optimiser step of its own.
-    `total`: the moves of every process (torchrun), so that each cuts its n into as many; n.
+    `total`: the moves of every process under torchrun, so that each cuts its own n into as many
+    minibatches (default: n).
 
     >>> [len(b) for b in minibatches(600, 256, np.random.default_rng(0))]
     [300, 300]
+    >>> [len(b) for b in minibatches(3, 2, np.random.default_rng(0), total=8)]  # 5 on other ranks
+    [1, 1, 1, 0]
     """
     require(size >= 1, f"a minibatch holds at least one move, got size {size}")
     require(hasattr(rng, "permutation"), "rng: a numpy Generator, np.random.default_rng(seed)")
@@ -481,9 +484,12 @@ def grpo_update(
         # have A != 0) gets steps of its own, so that no backward pass holds more than its bound.
         parts += [np.array([], dtype=int)] * (getattr(aux_loss, "min_steps", 1) - len(parts))
         for k, part in enumerate(parts):
-            loss = torch.zeros((), device=device)
-            info = {"pg_loss": math.nan, "clip_frac": math.nan, "kl": math.nan}
             tokens = ranks_sum(sum(len(actions[signal[j]]) for j in part))  # torchrun: all ranks'
+            if not tokens and aux_loss is None:
+                continue  # torchrun: no rank has a move in this step (one process: never here)
+            loss = torch.zeros((), device=device)
+            nothing = 0.0 if tokens else math.nan  # torchrun: an empty share adds 0 to the sums
+            info = {"pg_loss": nothing, "clip_frac": nothing, "kl": nothing}
             if len(part):
                 idx = [signal[j] for j in part]
                 batch_prompts = [prompts[i] for i in idx]
@@ -641,8 +647,8 @@ def verdict_aux_loss(
     (None for an empty share). At most `max_pairs` pairs, drawn now at random; None when there
     is no pair (aux_loss.pairs: how many it holds). At most `max_batch` pairs in one share:
     aux_loss.min_steps = ceil(pairs / max_batch) tells grpo_update how many steps that takes, so
-    memory does not grow with the pairs. `rng`: a stream of the verdict's own, so that a run
-    with the verdict draws the same layouts and minibatches as one without."""
+    memory does not grow with the pairs. `rng`: a generator of the verdict's own, so that its
+    draws leave those of the layouts and minibatches as they are without it."""
     require(max_batch is None or max_batch >= 1, f"max_batch must be >= 1, got {max_batch}")
     keep = rng.permutation(len(prompts))[:max_pairs]  # (n,) at random, capped
     if not len(keep):
@@ -810,9 +816,11 @@ def verdict_is_good(
 def sample_groups(model, tokenizer, layouts, rng, generator, s: Settings, fmt: PromptFormat):
     """G episodes on each of B layouts drawn from `layouts` with `rng`, played by rollout:
     (moves, rewards (B, G), groups)."""
-    picked = rng.choice(len(layouts), size=s.tasks_per_iter, replace=False)  # (B,)
+    # torchrun: rank 0 draws the B layouts for all (the ranks' generators part at the first
+    # minibatch shuffle, whose draws depend on each rank's number of moves), each plays its share.
+    picked = on_rank_zero(lambda: rng.choice(len(layouts), size=s.tasks_per_iter, replace=False))
     rank, world = rank_and_world()
-    picked = np.array_split(picked, world)[rank]  # torchrun: this rank's share of the B groups
+    picked = np.array_split(picked, world)[rank]  # (B / ranks,) whole groups
     groups = [
         [toy_env.GridWorld.from_string(layouts[b]) for _ in range(s.group_size)] for b in picked
     ]  # B lists of G environments: a group is one task's G episodes
@@ -970,7 +978,7 @@ class Settings:
     cls_coef: float = arg(0.0, "weight of the actor's good/bad classification loss (GCD; 0 = off)")
     cls_samples: int = arg(128, "at most this many labelled (state, move) pairs per iteration")
     cls_batch: int = arg(
-        128, "at most this many labelled pairs per gradient step (more: more steps)"
+        128, "at most this many labelled pairs per gradient step (more pairs: more AdamW steps)"
     )
     cls_warmup_steps: int = arg(
         0, "GCD's cold start: steps of the verdict alone on oracle labels before RL (0 = none)"
@@ -1191,7 +1199,7 @@ def verdict_warmup(
     random train states (as sft_warmup draws them), all 4 moves at each, labelled good (1) or bad
     (0); the balanced cross-entropy, one AdamW step at `lr`, gradient norm clipped at 1. Its own
     optimizer and rate: on SmolLM2, at the policy's rate (2e-5, shared with the policy gradient)
-    the verdict stays at chance, at the warm-up's (3e-4) it collapses to one answer (RESULTS.md).
+    the verdict stays at chance, at the supervised warm-up's (3e-4) it collapses to one answer.
     Returns each step's loss; `log`: a progress line every 30 seconds."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     envs = [toy_env.GridWorld.from_string(x) for x in layouts]
@@ -1504,6 +1512,8 @@ def run(s: Settings, out_dir: str, log=print, **extensions) -> dict:
     if torchrun_ranks() > 1:
         device = start_ranks(device)  # torchrun: join the other ranks
     writes = rank_and_world()[0] == 0  # torchrun: rank 0 alone writes the run's files
+    if s.model.endswith(".gguf"):  # torchrun: converted once, by rank 0, before any rank loads
+        on_rank_zero(lambda: gguf_to_folder(s.model, s.model_cache, log))
     model, tokenizer = load_policy(s, device, log)
     if writes:
         os.makedirs(out_dir, exist_ok=True)
@@ -1536,12 +1546,10 @@ def main(argv: list[str] | None = None) -> int:
     if ranks_error(s, ranks):  # before any work, on every rank: torchrun stops them all
         print(f"grpo_agentic.py: error: {ranks_error(s, ranks)}", file=sys.stderr)
         return 2
-    rank = int(os.environ.get("RANK", 0))
+    rank = int(os.environ.get("RANK", 0)) if ranks > 1 else 0
     log = print if rank == 0 else lambda *_: None  # torchrun: rank 0 alone logs
     log("settings: " + json.dumps(dataclasses.asdict(s)))
     out_dir = s.out_dir or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S") + f"-seed{s.seed}")
-    if ranks > 1 and not s.out_dir:  # every rank must name the same directory
-        out_dir = os.path.join("runs", f"torchrun-{os.environ.get('TORCHELASTIC_RUN_ID', 'x')}")
     try:
         run(s, out_dir, log)
     except NonFiniteError as e:
@@ -1575,11 +1583,14 @@ def ranks_error(s: Settings, ranks: int) -> str:
             f"--tasks-per-iter {s.tasks_per_iter} layouts cannot be shared evenly by "
             f"{ranks} ranks (--nproc_per_node): choose a multiple of {ranks}"
         )
-    if s.cls_coef > 0:
+    if s.cls_coef > 0 or s.cls_warmup_steps > 0:
         return (
-            "--cls-coef under torchrun is not built (the verdict's balanced loss would need its "
-            "class counts summed over the ranks): run GCD in one process"
+            "--cls-coef and --cls-warmup-steps under torchrun are not built (the verdict's "
+            "balanced loss would need its class counts summed over the ranks): run GCD in one "
+            "process"
         )
+    if not s.out_dir:
+        return "under torchrun, name the run's directory (--out-dir): every rank must agree on it"
     return ""
 
 
@@ -1905,10 +1916,11 @@ def weights_differ_between_ranks(model) -> bool:
     """Does any rank hold other weights than rank 0? A checksum per rank, compared."""
     if rank_and_world()[1] == 1:
         return False
-    with torch.no_grad():
-        vector = torch.cat([p.detach().double().flatten() for p in model.parameters()])
-        checksum = (vector * torch.arange(1, len(vector) + 1, device=vector.device) % 1e6).sum()
-    sums = gathered(checksum.item())
+    with torch.no_grad():  # each parameter's sum and sum of squares, in float64
+        checksum = [
+            (p.double().sum().item(), p.double().square().sum().item()) for p in model.parameters()
+        ]
+    sums = gathered(checksum)
     return any(x != sums[0] for x in sums)
 
 

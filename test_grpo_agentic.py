@@ -3150,11 +3150,11 @@ def first_observations(moves) -> list[list[int]]:
 
 
 def test_gcd_arms_play_the_same_layouts_as_grpo(tmp_path):
-    """Paired arms by construction: from one warm start, GRPO and GRPO + the verdict (with and
-    without the verdict's warm-up) draw the same layouts every iteration, and without a warm-up
-    their first iteration's episodes are the same moves. Bug caught: the verdict drawing its
-    pairs (or warm-up states) from the stream that picks layouts, so that from iteration 2 the arms
-    train on different layouts and their difference mixes the verdict with the luck of the draw."""
+    """From one warm start, GRPO and GRPO + the verdict draw the same layouts where nothing but
+    the verdict could make them differ: in the first iteration with a verdict warm-up, in the
+    first two without (whose first iteration is the same moves). Later draws follow each arm's
+    own minibatch shuffles, whose draws depend on its count of moves with A != 0. Bug caught: the
+    verdict drawing its pairs (or its warm-up's states) from the generator that picks layouts."""
     s = ga.Settings(**{**TINY, "iters": 3, "eval_every": 3, "probe_states": 2})
     model, tokenizer = ga.load_policy(s, torch.device("cpu"))
     start = ga.warm_start(model.eval(), tokenizer, s, log=lambda *_: None)
@@ -3173,9 +3173,10 @@ def test_gcd_arms_play_the_same_layouts_as_grpo(tmp_path):
         oracle = experiments.oracle_labelled_pairs  # pairs whatever the advantages
         ga.train(model, tokenizer, arm_s, str(tmp_path / arm), print, start, (), credit, oracle)
         weights[arm] = torch.cat([p.detach().flatten() for p in model.parameters()])
-    for arm in ("gcd", "gcd+warm-up"):
+    for arm, same_for in (("gcd", 2), ("gcd+warm-up", 1)):  # iterations
         layouts = [first_observations(moves) for moves in played[arm]]
-        assert layouts == [first_observations(moves) for moves in played["grpo"]], arm
+        grpo = [first_observations(moves) for moves in played["grpo"]]
+        assert layouts[:same_for] == grpo[:same_for], arm
         assert not torch.equal(weights[arm], weights["grpo"])  # the verdict did train
     same = [(m.prompt_ids, m.action_ids) for m in played["gcd"][0]]
     assert same == [(m.prompt_ids, m.action_ids) for m in played["grpo"][0]]
@@ -3344,6 +3345,7 @@ def test_under_torchrun_each_rank_plays_its_own_share_of_the_groups(tiny, monkey
 
     def played(rank: int, world: int) -> list[list[str]]:
         monkeypatch.setattr(ga, "rank_and_world", lambda: (rank, world))
+        monkeypatch.setattr(ga, "on_rank_zero", lambda compute: compute())  # no process group
         generator = torch.Generator().manual_seed(0)
         rng = np.random.default_rng(0)  # the same draw of layouts on every rank
         groups = ga.sample_groups(model, tokenizer, layouts, rng, generator, s, fmt)[2]
