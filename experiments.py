@@ -30,8 +30,9 @@ their data seed), so the arms of one regime and seed share everything up to the 
 is made once per regime and seed and reused. Differences between arms are paired by seed within a
 regime, and differences between regimes by arm and seed, with 95 % Student-t intervals. The flags
 of grpo_agentic.py apply to every run (e.g. --iters 50, --tiny-arch gpt2), except those the
-comparison sets per run (--seed, --data-seed, --history, --cls-coef): use --seeds, --histories,
---gcd-coef, --gigpo-coef, --self-check-tries.
+comparison sets per run (--seed, --data-seed, --history, --cls-coef, --cls-warmup-steps): use
+--seeds, --histories, --gcd-coef, --gcd-warmup-steps, --gigpo-coef, --self-check-tries. With one
+worker the runs go seed by seed (a seed's arms finish together); with several, arm by arm.
 """
 
 from __future__ import annotations
@@ -597,7 +598,8 @@ def check_shared(s: ga.Settings) -> None:
         if f.name in SET_PER_ARM and getattr(s, f.name) != f.default:
             flag = f.name.replace("_", "-")
             raise ValueError(
-                f"--{flag} is set per arm by the comparison; use --seeds, --histories or --gcd-coef"
+                f"--{flag} is set per arm by the comparison; use --seeds, --histories, "
+                "--gcd-coef or --gcd-warmup-steps"
             )
 
 

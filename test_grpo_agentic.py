@@ -1594,11 +1594,13 @@ def test_compare_tables_hand_computed():
 
 
 def test_compare_refuses_flags_it_sets_per_arm(tmp_path, capsys):
-    """Bug caught: `compare --cls-coef 2` silently training its GCD arms at 0.5."""
+    """Bug caught: `compare --cls-coef 2` silently training its GCD arms at 0.5, or
+    `--cls-warmup-steps 50` silently giving the GRPO arm (the control) a verdict warm-up."""
     args = ["compare", *TINY_ARGS, "--iters", "1", "--seeds", "0", "--workers", "1"]
-    args += ["--cls-coef", "2", "--out-dir", str(tmp_path / "c")]  # small, should it ever run
-    assert experiments.main(args) == 2
-    assert "use --seeds, --histories or --gcd-coef" in capsys.readouterr().err
+    args += ["--out-dir", str(tmp_path / "c")]  # small, should it ever run
+    for flag, value in (("--cls-coef", "2"), ("--cls-warmup-steps", "50")):
+        assert experiments.main([*args, flag, value]) == 2
+        assert "use --seeds, --histories, --gcd-coef" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
 
 
