@@ -780,8 +780,9 @@ def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
 
     check_shared(s)
     # One run at a time: seed by seed, so that every finished seed has both arms (work that stops
-    # leaves pairs). In parallel: arm by arm, so that a seed's first arm makes its warm start
-    # before the others need it (two arms of a seed started together would both make it).
+    # leaves pairs). In parallel: arm by arm, so that a seed's first arm usually makes its warm
+    # start before the others need it (with more workers than seeds two arms of a seed may start
+    # together and both make it: the same file, replaced whole, only time lost).
     keys = [(arm, h, seed) for h in lab.histories for seed in lab.seeds for arm in lab.arms]
     if lab.workers > 1:
         keys = [(arm, h, seed) for h in lab.histories for arm in lab.arms for seed in lab.seeds]

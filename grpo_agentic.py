@@ -3,7 +3,7 @@
     pip install -r requirements.txt && python grpo_agentic.py    # about 85 s on 2 CPU cores
     python grpo_agentic.py --help                                # every setting, with its meaning
     python grpo_agentic.py --model runs/<run>/policy --iters 0 --sft-steps 0   # evaluate a policy
-    torchrun --standalone --nproc_per_node 2 grpo_agentic.py     # data-parallel, a rank per GPU
+    torchrun --standalone --nproc_per_node 2 grpo_agentic.py --out-dir runs/ddp   # data-parallel
 
 A tiny Llama (built from a config: nothing is downloaded) is warm-started on oracle moves, then
 trained with GRPO. Each iteration it plays G episodes on each of B layouts; every turn it reads the
@@ -996,7 +996,9 @@ class Settings:
     tiny_layers: int = arg(3, "layers of the built-in tiny model")
     tiny_dim: int = arg(96, "width of the built-in tiny model (a multiple of its 4 heads)")
     device: str = arg("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
-    out_dir: str = arg("", "where the run's files go ('' = runs/<time>-seed<seed>)")
+    out_dir: str = arg(
+        "", "where the run's files go ('' = runs/<time>-seed<seed>; torchrun: needed)"
+    )
     overwrite: bool = arg(False, "allow writing into an --out-dir that already holds a run")
 
     def __post_init__(self):
@@ -1413,7 +1415,8 @@ def train(
     rank, world = rank_and_world()
     # Rollout sampling; torchrun: each rank samples its own episodes (rank 0: as one process).
     generator = torch.Generator(device=device).manual_seed(s.seed + RANK_SEED_STRIDE * rank)
-    # The verdict draws from a stream of its own: with and without it, RL draws the same layouts.
+    # The verdict draws from a stream of its own, leaving the layouts' and minibatches' draws as
+    # they are without it (until the arms' policies, and so their shuffles, differ).
     verdict_rng = np.random.default_rng([s.seed, VERDICT_STREAM])
     verdict_s = 0.0
     if s.cls_warmup_steps:
@@ -1586,8 +1589,8 @@ def ranks_error(s: Settings, ranks: int) -> str:
     if s.cls_coef > 0 or s.cls_warmup_steps > 0:
         return (
             "--cls-coef and --cls-warmup-steps under torchrun are not built (the verdict's "
-            "balanced loss would need its class counts summed over the ranks): run GCD in one "
-            "process"
+            "balanced loss would need its class counts summed over the ranks, its warm-up its "
+            "states shared): run GCD in one process"
         )
     if not s.out_dir:
         return "under torchrun, name the run's directory (--out-dir): every rank must agree on it"
@@ -1844,9 +1847,9 @@ def encode_observations(tokenizer, observations: list[str]) -> list[list[int]]:
 
 # ---- Data parallel: torchrun --nproc_per_node N runs this file N times, one rank each ---------
 # In one process every function here is the identity (or nothing): the single-process run is the
-# same code. Under torchrun every rank draws the same B layouts, plays its share of the groups
-# (a group never crosses ranks, so advantages stay local), and every update step sums the ranks'
-# gradients, each rank's loss divided by the token count of every rank (ranks_sum).
+# same code. Under torchrun rank 0 draws the B layouts for all, each rank plays its share of the
+# groups (a group never crosses ranks, so advantages stay local), and every update step sums the
+# ranks' gradients, each rank's loss divided by the token count of every rank (ranks_sum).
 DIST_TIMEOUT_MINUTES = 30  # a rank that waits longer than this for the others stops with an error
 
 

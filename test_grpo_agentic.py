@@ -3258,7 +3258,8 @@ def update_on_number_line(model, moves) -> dict:
 
 def data_parallel_update_worker(rank: int, world: int, init_file: str, out: str, cases):
     """One rank of a gloo group: for each case, its share of the moves, one update from the same
-    start, its weights saved."""
+    start, its weights saved; then the groups it plays of B = 4 layouts drawn with a generator
+    of its own (8 train layouts, seed 100 + rank), saved."""
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -3269,6 +3270,16 @@ def data_parallel_update_worker(rank: int, world: int, init_file: str, out: str,
             update_on_number_line(model, shares[rank])
             weights = [p.detach() for p in model.parameters()]
             torch.save(weights, os.path.join(out, f"case{case}-rank{rank}.pt"))
+        s = ga.Settings(tiny_layers=1, tiny_dim=32, tasks_per_iter=4, group_size=2)
+        model, tokenizer = ga.load_policy(s, torch.device("cpu"))
+        fmt, _ = ga.toy_formats(tokenizer, chat=False)
+        rng = np.random.default_rng(100 + rank)  # the ranks' generators differ
+        generator = torch.Generator().manual_seed(rank)
+        layouts = toy_env.sample_layouts("train", 8, seed=0)
+        groups = ga.sample_groups(model.eval(), tokenizer, layouts, rng, generator, s, fmt)[2]
+        played = [[env.to_string(env.start) for env in group] for group in groups]
+        with open(os.path.join(out, f"layouts-rank{rank}.json"), "w") as f:
+            json.dump(played, f)
     finally:
         dist.destroy_process_group()
 
@@ -3288,7 +3299,8 @@ def test_a_data_parallel_update_equals_one_process_on_the_union(tmp_path):
     with the weights one process gets from all five moves, within 1e-6, on both ranks. Bug
     caught: a per-rank token mean (a token on a rank with few tokens would weigh more: this split
     gives another step), gradients not summed (the ranks' weights part), a rank with nothing to do
-    that does not join the step's collectives (a hang, or gloo aborts)."""
+    that does not join the step's collectives (a hang, or gloo aborts); ranks that each draw their
+    own layouts (their generators part at their first minibatch shuffle) instead of rank 0's."""
     model, _ = number_line_policy()
     update_on_number_line(model, NUMBER_LINE_MOVES)
     union = [p.detach() for p in model.parameters()]
@@ -3300,6 +3312,13 @@ def test_a_data_parallel_update_equals_one_process_on_the_union(tmp_path):
             assert gap < 1e-6, gap
         start = number_line_policy()[0].parameters()
         assert max((a - b).abs().max().item() for a, b in zip(ranks[0], start)) > 1e-3  # a step
+    # The layouts: rank 0's draw for both ranks, whatever their own generators; 2 groups each.
+    layouts = toy_env.sample_layouts("train", 8, seed=0)
+    drawn = np.random.default_rng(100).choice(8, size=4, replace=False)
+    start = [toy_env.GridWorld.from_string(layouts[k]) for k in drawn]
+    expected = [[env.to_string(env.start)] * 2 for env in start]
+    played = [json.loads((tmp_path / f"layouts-rank{r}.json").read_text()) for r in (0, 1)]
+    assert played == [expected[:2], expected[2:]]
 
 
 def test_torchrun_trains_on_two_ranks_with_one_log_and_one_run_directory(tmp_path):
