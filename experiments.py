@@ -815,7 +815,7 @@ def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
         for key, summary in zip(keys, summaries):
             end[key] = end_values(summary)
             start[key] = summary["start"]
-            shown = ", ".join(f"{k} {end[key][k]:.3f}" for k in SUCCESS)
+            shown = ", ".join(f"{k} {end[key].get(k, math.nan):.3f}" for k in SUCCESS)
             print(f"{run_name(*key)}: {shown}", flush=True)
     parts = []
     for h in lab.histories:

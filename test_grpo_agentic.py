@@ -1593,6 +1593,17 @@ def test_compare_tables_hand_computed():
     assert row.rstrip(" |").split(" | ")[2] == "+0.150 [-0.485, +0.785]"
 
 
+def test_compare_without_the_self_check(tmp_path):
+    """--self-check-tries 0: no self-check, and the tables say so (nan) rather than fail. Bug
+    caught: a KeyError after the runs, which had taken an hour on SmolLM2, when printing them."""
+    args = ["compare", *TINY_ARGS, "--iters", "1", "--seeds", "0", "--arms", "grpo"]
+    args += ["--histories", "0", "--workers", "1", "--self-check-tries", "0"]
+    assert experiments.main([*args, "--out-dir", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "grpo-h0-seed0" / "summary.json").read_text())
+    assert "eval_held_out_success_self_check" not in summary["end"]
+    assert "| eval_held_out_success_self_check | nan |" in (tmp_path / "compare.md").read_text()
+
+
 def test_compare_refuses_flags_it_sets_per_arm(tmp_path, capsys):
     """Bug caught: `compare --cls-coef 2` silently training its GCD arms at 0.5, or
     `--cls-warmup-steps 50` silently giving the GRPO arm (the control) a verdict warm-up."""
