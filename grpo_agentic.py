@@ -1,6 +1,6 @@
 """Agentic GRPO on a text gridworld, in one file: a teaching reference for arXiv 2509.23870.
 
-    pip install -r requirements.txt && python grpo_agentic.py    # about 85 s on 2 CPU cores
+    pip install -r requirements.txt && python grpo_agentic.py    # about 75 s on 2 CPU cores
     python grpo_agentic.py --help                                # every setting, with its meaning
     python grpo_agentic.py --model runs/<run>/policy --iters 0 --sft-steps 0   # evaluate a policy
     torchrun --standalone --nproc_per_node 2 grpo_agentic.py --out-dir runs/ddp   # data-parallel
