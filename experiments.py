@@ -100,9 +100,25 @@ def paired_interval(diffs: list[float]) -> tuple[float, float, float]:
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
+def interval_decimals(mean: float, half_width: float) -> int:
+    """Decimals that show two digits of an interval's half-width (of its mean without one):
+    3, and more for a small difference, such as the twins' hidden cosines of a pretrained LM,
+    which differ in the fourth decimal (at most 6).
+
+    >>> interval_decimals(0.2, 0.25), interval_decimals(0.0002, 0.00035), interval_decimals(0, 0)
+    (3, 5, 3)
+    """
+    visible = 5e-7  # below this, 6 decimals show nothing: seeds that agree to rounding
+    size = abs(half_width) if abs(half_width) >= visible else abs(mean)  # nan: False
+    if not size >= visible:  # also nan
+        return 3
+    return min(6, max(3, 1 - math.floor(math.log10(size))))
+
+
 def show_interval(diffs: list[float]) -> str:
     mean, low, high = paired_interval(diffs)
-    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    d = interval_decimals(mean, high - mean)
+    return f"{mean:+.{d}f} [{low:+.{d}f}, {high:+.{d}f}]"
 
 
 # ---- Instruments: what a lab run adds to grpo_agentic's, through train()'s extension points ----
@@ -500,6 +516,11 @@ TABLES = (  # (title, metrics, with GRPO's own change from start to end as a yar
     ("How held-out episodes fail, and recovery after a bump (end of training)", ANATOMY, True),
 )
 BETWEEN = SUCCESS[:2] + ANATOMY + CHAIN  # compared between regimes, arm by arm
+DECIMALS = {  # a pretrained LM's twins sit at hidden cosines 0.9994-1.0000: 3 decimals hide them
+    "hidden_cos": 4,
+    "hidden_cos_ci": 4,
+    "hidden_cos_move": 4,
+}
 PER_SEED = (  # the chain's links, each seed's value (hidden_cos*_ci: its spread over the pairs)
     "cls_bacc_held_out",
     "hidden_cos",
@@ -715,7 +736,8 @@ def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
         out.append("|---" * (len(arms) + 1) + "|")
         for key in keys:
             means = [np.mean([end[arm, x].get(key, math.nan) for x in seeds]) for arm in arms]
-            out.append(f"| {key} | " + " | ".join(f"{m:.3f}" for m in means) + " |")
+            d = DECIMALS.get(key, 3)
+            out.append(f"| {key} | " + " | ".join(f"{m:.{d}f}" for m in means) + " |")
         columns = [f"{arm} - grpo" for arm in others]
         if with_own_change:
             columns.append("grpo: end - start")
@@ -745,11 +767,13 @@ def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
     for key in PER_SEED:
         for arm in arms:
             values = [end[arm, x].get(key, math.nan) for x in seeds]
-            out.append(f"| {key} | {arm} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+            shown = " | ".join(f"{v:.{DECIMALS.get(key, 3)}f}" for v in values)
+            out.append(f"| {key} | {arm} | {shown} |")
     out.append("")
     out.append(
         f"Seeds {' '.join(map(str, seeds))}, each with its own layouts (data seed = seed); "
-        "means over seeds; differences paired by seed, mean [95 % t-interval]; _ci: the 95 % "
+        "means over seeds; differences paired by seed, mean [95 % t-interval] (to two digits of "
+        "its half-width); _ci: the 95 % "
         "half-width of a seed's value over its probe pairs."
     )
     return "\n".join(out) + "\n"

@@ -1508,7 +1508,7 @@ def test_compare_writes_paired_tables_and_resumes_in_worker_processes(tmp_path, 
     ]
     diff = experiments.show_interval([ends["gigpo", 1, x] - ends["grpo", 1, x] for x in (0, 1)])
     assert rows[5][1] == diff  # regime H = 1: gigpo - grpo, from the runs' summaries
-    assert rows[7][1:] == ["gigpo", *(f"{ends['gigpo', 1, x]:.3f}" for x in (0, 1))]  # by seed
+    assert rows[7][1:] == ["gigpo", *(f"{ends['gigpo', 1, x]:.4f}" for x in (0, 1))]  # by seed
     between = experiments.show_interval([ends["gigpo", 1, x] - ends["gigpo", 0, x] for x in (0, 1)])
     assert rows[8][2] == between  # gigpo: h1 - h0
     log = (tmp_path / "grpo-h0-seed0.log").read_text()  # a run's log beside it; the first arm
@@ -1576,8 +1576,9 @@ def test_compare_tables_hand_computed():
     table = experiments.tables(end, start, [0, 1], list(experiments.ARMS)).splitlines()
     rows = [r.rstrip(" |").split(" | ") for r in table if r.startswith("| hidden_cos |")]
     means, diffs, *by_seed = rows  # then a row per arm, seed by seed
-    assert by_seed[3] == ["| hidden_cos", "gigpo", "0.800", "0.820"]  # 0.5 + 0.1 * 3 + 0.02 x
-    assert means[1:] == ["0.510", "0.610", "0.710", "0.810"]  # 0.50 + 0.1 k and 0.52 + 0.1 k
+    # hidden_cos with 4 decimals (a pretrained LM's twins differ in the fourth)
+    assert by_seed[3] == ["| hidden_cos", "gigpo", "0.8000", "0.8200"]  # 0.5 + 0.1 * 3 + 0.02 x
+    assert means[1:] == ["0.5100", "0.6100", "0.7100", "0.8100"]  # 0.50 + 0.1 k and 0.52 + 0.1 k
     assert diffs[3] == "+0.300 [+0.300, +0.300]"  # gigpo - grpo: 0.3 on both seeds
     # grpo's end - start: 0.10 and 0.15; mean 0.125, half-width 12.706 * 0.0354 / sqrt(2) = 0.318
     assert diffs[4] == "+0.125 [-0.193, +0.443]"
@@ -1591,6 +1592,9 @@ def test_compare_tables_hand_computed():
     row = next(r for r in between.splitlines() if r.startswith("| hidden_cos |"))
     # gigpo: h2 - h0 is 0.10 and 0.20: mean 0.15, half-width 12.706 * 0.0707 / sqrt(2) = 0.635
     assert row.rstrip(" |").split(" | ")[2] == "+0.150 [-0.485, +0.785]"
+    # A difference in the fourth decimal is shown to two digits of its half-width, not as 0.000:
+    # 1e-4 and 2e-4: mean 1.5e-4, half-width 12.706 * 7.07e-5 / sqrt(2) = 6.35e-4
+    assert experiments.show_interval([1e-4, 2e-4]) == "+0.00015 [-0.00049, +0.00079]"
 
 
 def test_compare_without_the_self_check(tmp_path):
