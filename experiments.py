@@ -624,13 +624,17 @@ def check_shared(s: ga.Settings) -> None:
             )
 
 
+VERDICT_WARMUP_ONLY = ("cls_lr", "cls_warmup_states", "cls_anchor")  # read by its warm-up alone
+
+
 def outcome_fields(settings: dict, keep: tuple | None = None) -> dict:
-    """The fields of a settings dict that decide a run's outcome (or only those in `keep`)."""
-    return {
-        k: v
-        for k, v in settings.items()
-        if k not in NOT_PART_OF_A_RUN and (keep is None or k in keep)
-    }
+    """The fields of a settings dict that decide a run's outcome (or only those in `keep`).
+    Without a verdict warm-up its flags decide nothing: a GRPO arm made before one of them
+    existed is the same run."""
+    unread = NOT_PART_OF_A_RUN
+    if not settings.get("cls_warmup_steps"):
+        unread += VERDICT_WARMUP_ONLY
+    return {k: v for k, v in settings.items() if k not in unread and (keep is None or k in keep)}
 
 
 def differences(wanted: dict, found: dict) -> str:
@@ -647,6 +651,7 @@ AS_BEFORE_THEIR_FLAGS = {  # what a run made before each of these flags existed 
     "cls_warmup_steps": 0,  # no verdict warm-up
     "cls_lr": 5e-5,
     "cls_warmup_states": 8,
+    "cls_anchor": 0.0,  # the verdict warm-up alone, free to move the policy
 }
 
 

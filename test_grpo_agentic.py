@@ -1563,6 +1563,27 @@ def test_a_run_made_before_the_lab_flags_moved_is_read_as_the_same_run(tmp_path)
         experiments.check_existing([(s, experiments.LabRun(self_check=1))], warm)
 
 
+def test_a_run_made_before_the_verdict_warm_ups_anchor(tmp_path):
+    """A run whose settings.json has no cls_anchor (made before it existed): without a verdict
+    warm-up it is the same run whatever the warm-up's flags; with one, it was made unanchored
+    and is refused against today's anchored default. Bug caught: the finished GRPO arm of a
+    comparison refused (an hour on SmolLM2 to remake), or an unanchored GCD arm read as one."""
+    for steps, refused in ((0, False), (5, True)):
+        s = ga.Settings(**TINY, out_dir=str(tmp_path / f"old{steps}"), cls_warmup_steps=steps)
+        old = {**dataclasses.asdict(s), **dataclasses.asdict(experiments.LabRun())}
+        del old["cls_anchor"]
+        old["cls_lr"] = 1e-4  # a warm-up flag set as the comparison sets it, used or not
+        os.makedirs(s.out_dir)
+        (tmp_path / f"old{steps}" / "settings.json").write_text(json.dumps(old))
+        (tmp_path / f"old{steps}" / "summary.json").write_text("{}")
+        warm = {(s.history, s.seed): str(tmp_path / "no-warm-start.pt")}
+        if refused:
+            with pytest.raises(ValueError, match="cls_anchor 1.0 here, 0.0 there"):
+                experiments.check_existing([(s, experiments.LabRun())], warm)
+        else:
+            experiments.check_existing([(s, experiments.LabRun())], warm)  # no error
+
+
 def test_compare_tables_hand_computed():
     """Two seeds, made-up values: arm means, one paired difference, GRPO's own change, and one
     difference between regimes. Bug caught: a cell that reads another arm, the wrong seed's
@@ -3224,8 +3245,9 @@ def test_the_verdict_warm_up_judges_every_move_of_random_states_by_the_oracle(ti
     before = [p.detach().clone() for p in model.parameters()]
     layouts = toy_env.sample_layouts("train", 16, seed=0)
     rng = np.random.default_rng(0)
-    losses = ga.verdict_warmup(model, tokenizer, layouts, 3, 1e-3, 2, rng, fmt, verdict)
+    losses, drifts = ga.verdict_warmup(model, tokenizer, layouts, 3, 1e-3, 2, rng, fmt, verdict)
     assert len(losses) == 3 and len(judged) == 3 and len(drawn) == 6
+    assert drifts[0] < 1e-6 < drifts[-1]  # the anchor is the model as it came in, then it moves
     moves = [ga.action_ids_for(tokenizer, a, fmt) for a in toy_env.ACTIONS]
     for step, (prompts, actions, labels) in enumerate(judged):
         for k, (prompt, good) in enumerate(drawn[2 * step : 2 * step + 2]):
@@ -3235,6 +3257,67 @@ def test_the_verdict_warm_up_judges_every_move_of_random_states_by_the_oracle(ti
             assert labels[4 * k : 4 * k + 4] == [int(a in good) for a in toy_env.ACTIONS]
     assert len({tuple(p) for p, _ in drawn}) > 1  # not one state over and over
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_policy_drift_equals_a_kl_computed_one_sequence_at_a_time(tiny):
+    """policy_drift over a left-padded batch (prompts of 3 lengths, actions of 1 to 3 tokens)
+    equals the KL summed over the vocabulary at each action token of each sequence run alone,
+    averaged over the action tokens; 0 when the model is its anchor. Bug caught: padding or
+    prompt positions counted as action tokens, the KL's direction or sign, a mean per sequence
+    instead of per token, no gradient into the model."""
+    _, shared, tokenizer = tiny
+    anchor = copy.deepcopy(shared).eval()
+    anchor.zero_grad(set_to_none=True)  # the shared model may hold another test's gradients
+    model = copy.deepcopy(anchor)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = [[3, 8, 4, 10, 5], [3, 9, 4], [3, 11, 4, 12, 5, 3, 10, 4, 12, 5]]  # vocab: 16
+    actions = [[6, 2], [7, 6, 2], [7]]
+    pad = tokenizer.pad_token_id
+    model.eval()
+    assert ga.policy_drift(anchor, anchor, prompts, actions, pad).item() == 0.0
+    drift = ga.policy_drift(model, anchor, prompts, actions, pad)
+    per_token = []
+    with torch.no_grad():
+        for prompt, action in zip(prompts, actions):
+            ids = torch.tensor([prompt + action])
+            reading = slice(len(prompt) - 1, len(prompt) + len(action) - 1)  # predict the action
+            held = torch.log_softmax(anchor(ids).logits[0, reading], dim=-1)  # (K, V)
+            moved = torch.log_softmax(model(ids).logits[0, reading], dim=-1)
+            per_token += (held.exp() * (held - moved)).sum(dim=-1).tolist()
+    assert len(per_token) == 6
+    assert abs(drift.item() - np.mean(per_token)) < 1e-5, (drift.item(), np.mean(per_token))
+    drift.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert all(p.grad is None for p in anchor.parameters())
+
+
+def test_the_verdict_warm_up_holds_the_policy_with_its_anchor(tiny):
+    """The same verdict warm-up (same states, a high rate) with and without its anchor: the
+    anchored one ends with its move distributions much nearer the model it started from, on
+    states it never trained on. Bug caught: the anchor's weight ignored, its loss detached."""
+    s, start, tokenizer = tiny
+    fmt, verdict = ga.toy_formats(tokenizer, chat=False)
+    layouts = toy_env.sample_layouts("train", 16, seed=0)
+    unseen = toy_env.sample_layouts("held_out", 8, seed=1)
+    envs = [toy_env.GridWorld.from_string(x) for x in unseen]
+    rng = np.random.default_rng(5)
+    states = [ga.random_state(env, tokenizer, rng, fmt) for env in envs]
+    moves = [ga.action_ids_for(tokenizer, a, fmt) for a in toy_env.ACTIONS]
+    prompts = [p for p, _ in states for _ in moves]
+    actions = moves * len(states)
+    drift = {}
+    for coef in (0.0, 3.0):
+        model = copy.deepcopy(start)
+        rng = np.random.default_rng(0)
+        ga.verdict_warmup(model, tokenizer, layouts, 12, 3e-3, 4, rng, fmt, verdict, 0, coef)
+        with torch.no_grad():
+            drift[coef] = ga.policy_drift(
+                model.eval(), start, prompts, actions, tokenizer.pad_token_id
+            ).item()
+    assert drift[3.0] < 0.5 * drift[0.0], drift
 
 
 # ---- Data parallel under torchrun (issue 36) ------------------------------------------------
