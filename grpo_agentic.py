@@ -1203,9 +1203,9 @@ def verdict_warmup(
     anchor_coef: float = 1.0,
     log=None,
 ) -> tuple[list[float], list[float]]:
-    """GCD's cold start: the verdict, on the oracle's labels, before RL, with the policy held
-    where the warm-up left it. Each step: `states` random train states (as sft_warmup draws
-    them), all 4 moves at each, labelled good (1) or bad (0); the loss
+    """GCD's cold start: the verdict, on the oracle's labels, before RL, with the policy pulled
+    back toward where the warm-up left it. Each step: `states` random train states (as
+    sft_warmup draws them), all 4 moves at each, labelled good (1) or bad (0); the loss
 
         L = balanced cross-entropy of the verdict + anchor_coef * policy_drift
 
@@ -1217,7 +1217,12 @@ def verdict_warmup(
     greedy success 0.41 to 0.04 (46 % of its failed episodes ended on an answer that was no
     move); the arms of a comparison must start RL from the same policy. Returns each step's
     verdict loss and drift; `log`: a progress line every 30 seconds."""
-    anchor = copy.deepcopy(model).eval().requires_grad_(False) if anchor_coef > 0 else None
+    # Dropout would make the drift nonzero at the anchor itself (the reference runs without it).
+    require(not model.training, "the verdict warm-up needs model.eval(): dropout off")
+    anchor = None
+    if anchor_coef > 0:
+        anchor = copy.deepcopy(model).eval().requires_grad_(False)
+        anchor.zero_grad(set_to_none=True)  # a copy would keep the last warm-up step's gradients
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     envs = [toy_env.GridWorld.from_string(x) for x in layouts]
     losses, drifts = [], []

@@ -3259,7 +3259,7 @@ def test_the_verdict_warm_up_judges_every_move_of_random_states_by_the_oracle(ti
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-def test_policy_drift_equals_a_kl_computed_one_sequence_at_a_time(tiny):
+def test_policy_drift_equals_a_kl_computed_one_sequence_at_a_time(tiny, monkeypatch):
     """policy_drift over a left-padded batch (prompts of 3 lengths, actions of 1 to 3 tokens)
     equals the KL summed over the vocabulary at each action token of each sequence run alone,
     averaged over the action tokens; 0 when the model is its anchor. Bug caught: padding or
@@ -3279,7 +3279,7 @@ def test_policy_drift_equals_a_kl_computed_one_sequence_at_a_time(tiny):
     model.eval()
     assert ga.policy_drift(anchor, anchor, prompts, actions, pad).item() == 0.0
     drift = ga.policy_drift(model, anchor, prompts, actions, pad)
-    per_token = []
+    per_token, backward_kl = [], []
     with torch.no_grad():
         for prompt, action in zip(prompts, actions):
             ids = torch.tensor([prompt + action])
@@ -3287,8 +3287,14 @@ def test_policy_drift_equals_a_kl_computed_one_sequence_at_a_time(tiny):
             held = torch.log_softmax(anchor(ids).logits[0, reading], dim=-1)  # (K, V)
             moved = torch.log_softmax(model(ids).logits[0, reading], dim=-1)
             per_token += (held.exp() * (held - moved)).sum(dim=-1).tolist()
+            backward_kl += (moved.exp() * (moved - held)).sum(dim=-1).tolist()
+    reverse = np.mean(backward_kl)
     assert len(per_token) == 6
     assert abs(drift.item() - np.mean(per_token)) < 1e-5, (drift.item(), np.mean(per_token))
+    assert abs(drift.item() - reverse) > 1e-4  # the other direction: 6.6e-4 away, 66x the 1e-5
+    monkeypatch.setattr(ga, "SHARED_HEAD_MIN", 1)  # the prompts' common first id run once
+    shared_head = ga.policy_drift(model, anchor, prompts, actions, pad).item()
+    assert abs(shared_head - np.mean(per_token)) < 1e-5
     drift.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     assert all(p.grad is None for p in anchor.parameters())
