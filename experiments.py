@@ -515,6 +515,14 @@ TABLES = (  # (title, metrics, with GRPO's own change from start to end as a yar
     ("Success, greedy, and with the self-check (end of training)", SUCCESS, True),
     ("How held-out episodes fail, and recovery after a bump (end of training)", ANATOMY, True),
 )
+# At the start of RL, after an arm's own warm-up (the verdict's): the same policy in every arm?
+START = SUCCESS[:2] + (
+    "cls_bacc_held_out",
+    "hidden_cos_centred",
+    "coupling_cos",
+    "p_repeat_bump",
+    "p_flawed",
+)
 BETWEEN = SUCCESS[:2] + ANATOMY + CHAIN  # compared between regimes, arm by arm
 DECIMALS = {  # a pretrained LM's twins sit at hidden cosines 0.9994-1.0000: 3 decimals hide them
     "hidden_cos": 4,
@@ -731,6 +739,34 @@ def end_values(summary: dict) -> dict:
     return values
 
 
+def start_table(start: dict, seeds: list[int], arms: list[str]) -> list[str]:
+    """The start of RL, keyed by (arm, seed): each arm's mean over seeds, then arm - grpo paired
+    by seed. An arm with a warm-up of its own (the verdict's) starts RL after it; a difference
+    in success here means the arms did not start from the same policy, and their ends cannot be
+    read as what RL did with the verdict."""
+    out = ["### The start of RL (after each arm's own warm-up, before its first update)", ""]
+    out += ["| metric | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
+    for key in START:
+        means = [np.mean([start[arm, x].get(key, math.nan) for x in seeds]) for arm in arms]
+        d = DECIMALS.get(key, 3)
+        out.append(f"| {key} | " + " | ".join(f"{m:.{d}f}" for m in means) + " |")
+    others = arms[1:]
+    if not others:  # GRPO alone, and nothing to compare it with
+        return out + [""]
+    out += ["", "| paired difference | " + " | ".join(f"{a} - grpo" for a in others) + " |"]
+    out.append("|---" * (len(others) + 1) + "|")
+    for key in START:
+        cells = []
+        for arm in others:
+            diffs = [
+                start[arm, x].get(key, math.nan) - start["grpo", x].get(key, math.nan)
+                for x in seeds
+            ]
+            cells.append(show_interval(diffs))
+        out.append(f"| {key} | " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
     """One regime's tables: for each table, each arm's mean over seeds, then paired differences.
     `end` and `start` are keyed by (arm, seed)."""
@@ -782,6 +818,43 @@ def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
         "half-width of a seed's value over its probe pairs."
     )
     return "\n".join(out) + "\n"
+
+
+def same_start(
+    out_dir: str, arms: list[str], history: int, seeds: list[int]
+) -> tuple[list[str], list[str]]:
+    """Seed by seed, layout by layout: each arm's first greedy evaluation (the start of RL, after
+    its own warm-up) against GRPO's on the same layouts; mean difference [95 % t-interval over
+    the layouts]. Returns the table's lines and a warning for each seed and split whose interval
+    excludes 0: there the arm did not start RL from GRPO's policy (the same-start check)."""
+    lines = ["| seed | arm | split | grpo | arm | arm - grpo | same start? |"]
+    lines.append("|---" * 7 + "|")
+    warnings = []
+    for x in seeds:
+        base_dir = os.path.join(out_dir, run_name("grpo", history, x))
+        for arm in arms[1:]:
+            arm_dir = os.path.join(out_dir, run_name(arm, history, x))
+            paths = [os.path.join(d, "solved.jsonl") for d in (base_dir, arm_dir)]
+            if not all(os.path.exists(path) for path in paths):  # a run made before solved.jsonl
+                lines.append(f"| {x} | {arm} | - | - | - | not recorded | - |")
+                continue
+            base = solved_at(base_dir, 0)
+            own = solved_at(arm_dir, 0)
+            for split in ("train", "held_out"):
+                diffs = (np.asarray(own[split], float) - np.asarray(base[split], float)).tolist()
+                _, low, high = paired_interval(diffs)
+                same = not (low > 0 or high < 0)  # also when every layout agrees (0 wide)
+                lines.append(
+                    f"| {x} | {arm} | {split} | {np.mean(base[split]):.3f} | "
+                    f"{np.mean(own[split]):.3f} | {show_interval(diffs)} | "
+                    f"{'yes' if same else '**no**'} |"
+                )
+                if not same:
+                    warnings.append(
+                        f"{run_name(arm, history, x)} did not start RL from GRPO's policy: greedy "
+                        f"success ({split}) {show_interval(diffs)} against grpo, layout by layout"
+                    )
+    return lines, warnings
 
 
 def between_regimes(end: dict, seeds: list[int], arms: list[str], histories: list[int]) -> str:
@@ -850,8 +923,15 @@ def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
     for h in lab.histories:
         regime_end = {(arm, x): end[arm, hh, x] for arm, hh, x in keys if hh == h}
         regime_start = {(arm, x): start[arm, hh, x] for arm, hh, x in keys if hh == h}
+        # First the start of RL (the same policy in every arm?), then what RL made of it.
+        regime = [f"## History H = {h}", "", *start_table(regime_start, lab.seeds, lab.arms)]
+        if len(lab.arms) > 1:
+            lines, warnings = same_start(out_dir, lab.arms, h, lab.seeds)
+            regime += ["Seed by seed, greedy success layout by layout:", "", *lines, ""]
+            for warning in warnings:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         parts.append(
-            f"## History H = {h}\n\n" + tables(regime_end, regime_start, lab.seeds, lab.arms)
+            "\n".join(regime) + "\n" + tables(regime_end, regime_start, lab.seeds, lab.arms)
         )
     if len(lab.histories) > 1:
         parts.append(

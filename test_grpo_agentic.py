@@ -1491,7 +1491,10 @@ def test_compare_writes_paired_tables_and_resumes_in_worker_processes(tmp_path, 
     table = (tmp_path / "compare.md").read_text()
     header = "| paired difference | gigpo - grpo |"
     assert table.count("## History H = ") == 2 and table.count("## Between regimes") == 1
-    assert table.count("### ") == 10 and table.count(header) == 8  # 4 tables + seeds, a regime
+    assert table.count("### ") == 12 and table.count(header) == 10  # start, 4 tables, seeds
+    # GiGPO has no warm-up of its own: it starts RL from GRPO's policy, every layout the same
+    same = "| gigpo | held_out | " in table and "| +0.000 [+0.000, +0.000] | yes |" in table
+    assert same and "**no**" not in table
     assert table.count("| grpo: end - start |") == 6  # chain, success, anatomy, per regime
     assert table.count("not measured at the start") == 2  # the self-check: at the end only
     for key in ("adv_flawed_rel", "hidden_cos", "eval_held_out_success_self_check"):
@@ -1616,6 +1619,44 @@ def test_compare_tables_hand_computed():
     # A difference in the fourth decimal is shown to two digits of its half-width, not as 0.000:
     # 1e-4 and 2e-4: mean 1.5e-4, half-width 12.706 * 7.07e-5 / sqrt(2) = 6.35e-4
     assert experiments.show_interval([1e-4, 2e-4]) == "+0.00015 [-0.00049, +0.00079]"
+
+
+def test_the_start_of_rl_table_and_the_same_start_check(tmp_path):
+    """The start of RL: arm means and arm - grpo paired by seed (made-up values), then seed by
+    seed, layout by layout, whether an arm started RL from GRPO's policy. Bug caught: a start
+    table that reads the end (or another arm), a check that pairs the wrong iteration or seed,
+    or one that cannot say no (it passed an arm whose warm-up broke the policy on seed 1)."""
+    start = {}
+    for k, arm in enumerate(["grpo", "grpo+cls-oracle"]):
+        for seed in (0, 1):
+            start[arm, seed] = {key: 0.3 + 0.1 * k * seed for key in experiments.START}
+    table = experiments.start_table(start, [0, 1], ["grpo", "grpo+cls-oracle"])
+    row = next(r for r in table if r.startswith("| coupling_cos |"))
+    assert row == "| coupling_cos | 0.300 | 0.350 |"  # 0.3 and 0.3 + 0.1 on seed 1
+    # differences 0 and 0.1: mean 0.05, half-width 12.706 * 0.0707 / sqrt(2) = 0.635
+    diff = [r for r in table if r.startswith("| coupling_cos |")][1]
+    assert diff == "| coupling_cos | +0.050 [-0.585, +0.685] |"
+
+    def solved(run: str, first: list[int], later: list[int]) -> None:
+        os.makedirs(tmp_path / run)
+        rows = [{"iter": 0, "train": first, "held_out": first}]
+        rows.append({"iter": 8, "train": later, "held_out": later})  # the end: not read here
+        (tmp_path / run / "solved.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    layouts = [1, 0] * 20  # 40 layouts, half solved at the start of RL
+    solved("grpo-h0-seed0", layouts, [0] * 40)
+    solved("grpo+cls-oracle-h0-seed0", layouts[1:] + layouts[:1], [1] * 40)  # all differ
+    solved("grpo-h0-seed1", layouts, layouts)
+    solved("grpo+cls-oracle-h0-seed1", [0] * 40, layouts)  # the warm-up lost every solved layout
+    lines, warnings = experiments.same_start(str(tmp_path), ["grpo", "grpo+cls-oracle"], 0, [0, 1])
+    rows = [r.rstrip(" |").split(" | ") for r in lines[2:]]
+    assert [r[0] for r in rows] == ["| 0", "| 0", "| 1", "| 1"]
+    # seed 0: -1 and +1 in turn (each layout swapped with its neighbour): mean 0, half-width
+    # 2.023 * 1.013 / sqrt(40) = 0.324; the interval holds 0: the same start, as far as it shows
+    assert rows[0][3:] == ["0.500", "0.500", "+0.000 [-0.324, +0.324]", "yes"]
+    # seed 1: -1 on the 20 solved layouts, 0 elsewhere: mean -0.5, half 2.023 * 0.506 / sqrt(40)
+    assert rows[3][3:] == ["0.500", "0.000", "-0.500 [-0.662, -0.338]", "**no**"]
+    assert len(warnings) == 2 and all("grpo+cls-oracle-h0-seed1 did not" in w for w in warnings)
 
 
 def test_compare_without_the_self_check(tmp_path):
