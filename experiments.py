@@ -509,12 +509,6 @@ ANATOMY = tuple(f"fail_{kind}" for kind in FAILURE_KINDS) + (
     "repeat_after_bump",
     "p_repeat_bump",
 )
-TABLES = (  # (title, metrics, with GRPO's own change from start to end as a yardstick?)
-    ("Credit: what the advantage says about flawed moves (over all iterations)", CREDIT, False),
-    ("The chain, link by link (end of training)", CHAIN, True),
-    ("Success, greedy, and with the self-check (end of training)", SUCCESS, True),
-    ("How held-out episodes fail, and recovery after a bump (end of training)", ANATOMY, True),
-)
 # At the start of RL, after an arm's own warm-up (the verdict's): the same policy in every arm?
 START = SUCCESS[:2] + (
     "cls_bacc_held_out",
@@ -522,6 +516,13 @@ START = SUCCESS[:2] + (
     "coupling_cos",
     "p_repeat_bump",
     "p_flawed",
+)
+TABLES = (  # (title, metrics, read at the "start" of RL or its "end", GRPO's own change shown?)
+    ("The start of RL (after each arm's own warm-up)", START, "start", False),
+    ("Credit: what the advantage says about flawed moves (all iterations)", CREDIT, "end", False),
+    ("The chain, link by link (end of training)", CHAIN, "end", True),
+    ("Success, greedy, and with the self-check (end of training)", SUCCESS, "end", True),
+    ("How held-out episodes fail, and recovery after a bump (end)", ANATOMY, "end", True),
 )
 BETWEEN = SUCCESS[:2] + ANATOMY + CHAIN  # compared between regimes, arm by arm
 DECIMALS = {  # a pretrained LM's twins sit at hidden cosines 0.9994-1.0000: 3 decimals hide them
@@ -739,48 +740,27 @@ def end_values(summary: dict) -> dict:
     return values
 
 
-def start_table(start: dict, seeds: list[int], arms: list[str]) -> list[str]:
-    """The start of RL, keyed by (arm, seed): each arm's mean over seeds, then arm - grpo paired
-    by seed. An arm with a warm-up of its own (the verdict's) starts RL after it; a difference
-    in success here means the arms did not start from the same policy, and their ends cannot be
-    read as what RL did with the verdict."""
-    out = ["### The start of RL (after each arm's own warm-up, before its first update)", ""]
-    out += ["| metric | " + " | ".join(arms) + " |", "|---" * (len(arms) + 1) + "|"]
-    for key in START:
-        means = [np.mean([start[arm, x].get(key, math.nan) for x in seeds]) for arm in arms]
-        d = DECIMALS.get(key, 3)
-        out.append(f"| {key} | " + " | ".join(f"{m:.{d}f}" for m in means) + " |")
-    others = arms[1:]
-    if not others:  # GRPO alone, and nothing to compare it with
-        return out + [""]
-    out += ["", "| paired difference | " + " | ".join(f"{a} - grpo" for a in others) + " |"]
-    out.append("|---" * (len(others) + 1) + "|")
-    for key in START:
-        cells = []
-        for arm in others:
-            diffs = [
-                start[arm, x].get(key, math.nan) - start["grpo", x].get(key, math.nan)
-                for x in seeds
-            ]
-            cells.append(show_interval(diffs))
-        out.append(f"| {key} | " + " | ".join(cells) + " |")
-    return out + [""]
-
-
-def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
+def tables(
+    end: dict, start: dict, seeds: list[int], arms: list[str], start_check: list[str] = ()
+) -> str:
     """One regime's tables: for each table, each arm's mean over seeds, then paired differences.
-    `end` and `start` are keyed by (arm, seed)."""
+    `end` and `start` are keyed by (arm, seed). The first table is the start of RL: an arm with
+    a warm-up of its own (the verdict's) starts RL after it, and a difference in success there
+    means the arms did not start from the same policy; `start_check` (the same-start check's
+    lines) follows it. Where the starts differ, "gains in RL" compares what RL added to each."""
     others = arms[1:]
     out = []
-    for title, keys, with_own_change in TABLES:
+    for title, keys, when, with_own_change in TABLES:
+        values = start if when == "start" else end
         out += [f"### {title}", "", "| metric | " + " | ".join(arms) + " |"]
         out.append("|---" * (len(arms) + 1) + "|")
         for key in keys:
-            means = [np.mean([end[arm, x].get(key, math.nan) for x in seeds]) for arm in arms]
+            means = [np.mean([values[arm, x].get(key, math.nan) for x in seeds]) for arm in arms]
             d = DECIMALS.get(key, 3)
             out.append(f"| {key} | " + " | ".join(f"{m:.{d}f}" for m in means) + " |")
         columns = [f"{arm} - grpo" for arm in others]
-        if with_own_change:
+        if with_own_change:  # what RL added from each arm's own start, then GRPO's own change
+            columns += [f"{arm} - grpo, gains in RL" for arm in others]
             columns.append("grpo: end - start")
         if not columns:  # GRPO alone, and nothing to compare it with
             out.append("")
@@ -791,17 +771,23 @@ def tables(end: dict, start: dict, seeds: list[int], arms: list[str]) -> str:
             cells = []
             for arm in others:
                 diffs = [
-                    end[arm, x].get(key, math.nan) - end["grpo", x].get(key, math.nan)
+                    values[arm, x].get(key, math.nan) - values["grpo", x].get(key, math.nan)
                     for x in seeds
                 ]
                 cells.append(show_interval(diffs))
-            if with_own_change and all(key in start["grpo", x] for x in seeds):
+            measured = all(key in start[arm, x] for arm in arms for x in seeds)
+            if with_own_change and measured:
                 own = [end["grpo", x][key] - start["grpo", x][key] for x in seeds]
+                for arm in others:  # (the arm's end - its start) - (grpo's end - its start)
+                    gains = [end[arm, x][key] - start[arm, x][key] for x in seeds]
+                    cells.append(show_interval([g - o for g, o in zip(gains, own)]))
                 cells.append(show_interval(own))
             elif with_own_change:
-                cells.append("not measured at the start")
+                cells += ["not measured at the start"] * (len(others) + 1)
             out.append(f"| {key} | " + " | ".join(cells) + " |")
         out.append("")
+        if when == "start" and start_check:
+            out += ["Seed by seed, greedy success layout by layout:", "", *start_check, ""]
     out += ["### Seed by seed (end of training)", ""]
     out += ["| metric | arm | " + " | ".join(f"seed {x}" for x in seeds) + " |"]
     out.append("|---" * (len(seeds) + 2) + "|")
@@ -923,16 +909,13 @@ def compare(s: ga.Settings, lab: Lab, out_dir: str) -> str:
     for h in lab.histories:
         regime_end = {(arm, x): end[arm, hh, x] for arm, hh, x in keys if hh == h}
         regime_start = {(arm, x): start[arm, hh, x] for arm, hh, x in keys if hh == h}
-        # First the start of RL (the same policy in every arm?), then what RL made of it.
-        regime = [f"## History H = {h}", "", *start_table(regime_start, lab.seeds, lab.arms)]
+        check = []
         if len(lab.arms) > 1:
-            lines, warnings = same_start(out_dir, lab.arms, h, lab.seeds)
-            regime += ["Seed by seed, greedy success layout by layout:", "", *lines, ""]
+            check, warnings = same_start(out_dir, lab.arms, h, lab.seeds)
             for warning in warnings:
                 print(f"warning: {warning}", file=sys.stderr, flush=True)
-        parts.append(
-            "\n".join(regime) + "\n" + tables(regime_end, regime_start, lab.seeds, lab.arms)
-        )
+        regime = tables(regime_end, regime_start, lab.seeds, lab.arms, check)
+        parts.append(f"## History H = {h}\n\n" + regime)
     if len(lab.histories) > 1:
         parts.append(
             "## Between regimes\n\n" + between_regimes(end, lab.seeds, lab.arms, lab.histories)

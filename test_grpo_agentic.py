@@ -1496,7 +1496,7 @@ def test_compare_writes_paired_tables_and_resumes_in_worker_processes(tmp_path, 
     same = "| gigpo | held_out | " in table and "| +0.000 [+0.000, +0.000] | yes |" in table
     assert same and "**no**" not in table
     assert table.count("| grpo: end - start |") == 6  # chain, success, anatomy, per regime
-    assert table.count("not measured at the start") == 2  # the self-check: at the end only
+    assert table.count("not measured at the start") == 4  # the self-check: at the end only
     for key in ("adv_flawed_rel", "hidden_cos", "eval_held_out_success_self_check"):
         seed_rows = 4 * (key in experiments.PER_SEED)  # an arm's row a regime, seed by seed
         assert table.count(f"| {key} | ") == 4 + seed_rows + (key in experiments.BETWEEN)
@@ -1581,7 +1581,7 @@ def test_a_run_made_before_the_verdict_warm_ups_anchor(tmp_path):
         (tmp_path / f"old{steps}" / "summary.json").write_text("{}")
         warm = {(s.history, s.seed): str(tmp_path / "no-warm-start.pt")}
         if refused:
-            with pytest.raises(ValueError, match="cls_anchor 1.0 here, 0.0 there"):
+            with pytest.raises(ValueError, match="cls_anchor 10.0 here, 0.0 there"):
                 experiments.check_existing([(s, experiments.LabRun())], warm)
         else:
             experiments.check_existing([(s, experiments.LabRun())], warm)  # no error
@@ -1591,12 +1591,12 @@ def test_compare_tables_hand_computed():
     """Two seeds, made-up values: arm means, one paired difference, GRPO's own change, and one
     difference between regimes. Bug caught: a cell that reads another arm, the wrong seed's
     start, the wrong regime, or a constant."""
-    keys = [k for _, metrics, _ in experiments.TABLES for k in metrics]
+    keys = [k for _, metrics, _, _ in experiments.TABLES for k in metrics]
     end, start = {}, {}
     for k, arm in enumerate(experiments.ARMS):
         for seed in (0, 1):
             end[arm, seed] = {key: 0.5 + 0.1 * k + 0.02 * seed for key in keys}
-            start[arm, seed] = {key: 0.4 - 0.03 * seed for key in keys}
+            start[arm, seed] = {key: 0.4 - 0.03 * seed - 0.05 * k for key in keys}
     table = experiments.tables(end, start, [0, 1], list(experiments.ARMS)).splitlines()
     rows = [r.rstrip(" |").split(" | ") for r in table if r.startswith("| hidden_cos |")]
     means, diffs, *by_seed = rows  # then a row per arm, seed by seed
@@ -1604,8 +1604,10 @@ def test_compare_tables_hand_computed():
     assert by_seed[3] == ["| hidden_cos", "gigpo", "0.8000", "0.8200"]  # 0.5 + 0.1 * 3 + 0.02 x
     assert means[1:] == ["0.5100", "0.6100", "0.7100", "0.8100"]  # 0.50 + 0.1 k and 0.52 + 0.1 k
     assert diffs[3] == "+0.300 [+0.300, +0.300]"  # gigpo - grpo: 0.3 on both seeds
+    # gigpo - grpo, gains in RL: (0.8 - 0.25) - (0.5 - 0.4) on seed 0, and so on seed 1: 0.45
+    assert diffs[6] == "+0.450 [+0.450, +0.450]"
     # grpo's end - start: 0.10 and 0.15; mean 0.125, half-width 12.706 * 0.0354 / sqrt(2) = 0.318
-    assert diffs[4] == "+0.125 [-0.193, +0.443]"
+    assert diffs[7] == "+0.125 [-0.193, +0.443]"
     by_regime = {
         (arm, h, x): {k: v + 0.05 * h * (1 + x) for k, v in end[arm, x].items()}
         for arm in experiments.ARMS
@@ -1626,16 +1628,20 @@ def test_the_start_of_rl_table_and_the_same_start_check(tmp_path):
     seed, layout by layout, whether an arm started RL from GRPO's policy. Bug caught: a start
     table that reads the end (or another arm), a check that pairs the wrong iteration or seed,
     or one that cannot say no (it passed an arm whose warm-up broke the policy on seed 1)."""
-    start = {}
-    for k, arm in enumerate(["grpo", "grpo+cls-oracle"]):
+    arms = ["grpo", "grpo+cls-oracle"]
+    keys = [k for _, metrics, _, _ in experiments.TABLES for k in metrics]
+    start, end = {}, {}
+    for k, arm in enumerate(arms):
         for seed in (0, 1):
-            start[arm, seed] = {key: 0.3 + 0.1 * k * seed for key in experiments.START}
-    table = experiments.start_table(start, [0, 1], ["grpo", "grpo+cls-oracle"])
-    row = next(r for r in table if r.startswith("| coupling_cos |"))
-    assert row == "| coupling_cos | 0.300 | 0.350 |"  # 0.3 and 0.3 + 0.1 on seed 1
+            start[arm, seed] = {key: 0.3 + 0.1 * k * seed for key in keys}
+            end[arm, seed] = {key: 0.9 for key in keys}  # coupling_cos is read at the end too
+    check = ["| the same-start check's lines |"]
+    table = experiments.tables(end, start, [0, 1], arms, check).splitlines()
+    means, diff = [r for r in table if r.startswith("| coupling_cos |")][:2]
+    assert means == "| coupling_cos | 0.300 | 0.350 |"  # 0.3 and 0.3 + 0.1 on seed 1
     # differences 0 and 0.1: mean 0.05, half-width 12.706 * 0.0707 / sqrt(2) = 0.635
-    diff = [r for r in table if r.startswith("| coupling_cos |")][1]
     assert diff == "| coupling_cos | +0.050 [-0.585, +0.685] |"
+    assert table.index(check[0]) < table.index(next(r for r in table if "### Credit" in r))
 
     def solved(run: str, first: list[int], later: list[int]) -> None:
         os.makedirs(tmp_path / run)
