@@ -517,12 +517,12 @@ START = SUCCESS[:2] + (
     "p_repeat_bump",
     "p_flawed",
 )
-TABLES = (  # (title, metrics, read at the "start" of RL or its "end", GRPO's own change shown?)
+TABLES = (  # (title, metrics, read at the "start" of RL or after it, GRPO's own change shown?)
     ("The start of RL (after each arm's own warm-up)", START, "start", False),
     ("Credit: what the advantage says about flawed moves (all iterations)", CREDIT, "end", False),
     ("The chain, link by link (end of training)", CHAIN, "end", True),
     ("Success, greedy, and with the self-check (end of training)", SUCCESS, "end", True),
-    ("How held-out episodes fail, and recovery after a bump (end)", ANATOMY, "end", True),
+    ("How held-out episodes fail, recovery after a bump (end of training)", ANATOMY, "end", True),
 )
 BETWEEN = SUCCESS[:2] + ANATOMY + CHAIN  # compared between regimes, arm by arm
 DECIMALS = {  # a pretrained LM's twins sit at hidden cosines 0.9994-1.0000: 3 decimals hide them
@@ -741,13 +741,15 @@ def end_values(summary: dict) -> dict:
 
 
 def tables(
-    end: dict, start: dict, seeds: list[int], arms: list[str], start_check: list[str] = ()
+    end: dict, start: dict, seeds: list[int], arms: list[str], start_check: list[str] | None = None
 ) -> str:
     """One regime's tables: for each table, each arm's mean over seeds, then paired differences.
     `end` and `start` are keyed by (arm, seed). The first table is the start of RL: an arm with
     a warm-up of its own (the verdict's) starts RL after it, and a difference in success there
     means the arms did not start from the same policy; `start_check` (the same-start check's
-    lines) follows it. Where the starts differ, "gains in RL" compares what RL added to each."""
+    lines) follows it. "Gains in RL": (the arm's end - its start) - (grpo's end - its start), what
+    RL added to each; where the starts differ, so does the room to gain: read it beside the start.
+    """
     others = arms[1:]
     out = []
     for title, keys, when, with_own_change in TABLES:
@@ -787,7 +789,14 @@ def tables(
             out.append(f"| {key} | " + " | ".join(cells) + " |")
         out.append("")
         if when == "start" and start_check:
-            out += ["Seed by seed, greedy success layout by layout:", "", *start_check, ""]
+            out += [
+                "The same-start check: arm - grpo in greedy success at the start of RL, seed by "
+                "seed, paired layout by layout (mean [95 % t-interval over the layouts]; lost: "
+                "solved at GRPO's start only, gained: at the arm's only):",
+                "",
+                *start_check,
+                "",
+            ]
     out += ["### Seed by seed (end of training)", ""]
     out += ["| metric | arm | " + " | ".join(f"seed {x}" for x in seeds) + " |"]
     out.append("|---" * (len(seeds) + 2) + "|")
@@ -799,47 +808,70 @@ def tables(
     out.append("")
     out.append(
         f"Seeds {' '.join(map(str, seeds))}, each with its own layouts (data seed = seed); "
-        "means over seeds; differences paired by seed, mean [95 % t-interval] (to two digits of "
-        "its half-width); _ci: the 95 % "
-        "half-width of a seed's value over its probe pairs."
+        "means over seeds; differences paired by seed (the same-start check's: by layout), mean "
+        "[95 % t-interval] (to two digits of its half-width); gains in RL: each arm's end minus "
+        "its own start, against GRPO's (read beside the start); _ci: the 95 % half-width of a "
+        "seed's value over its probe pairs."
     )
     return "\n".join(out) + "\n"
+
+
+def layout_change(before: list, after: list, split: str) -> tuple[list[float], int, int]:
+    """Greedy success after - before, layout by layout (each -1, 0 or +1), and the layouts lost
+    (solved before only) and gained (solved after only). Refuses lists that are not paired."""
+    a = np.asarray(after, dtype=float)
+    b = np.asarray(before, dtype=float)
+    if a.shape != b.shape:
+        raise ValueError(f"{split}: {len(b)} layouts before, {len(a)} after: not paired")
+    return (a - b).tolist(), int(((b > 0) & (a == 0)).sum()), int(((b == 0) & (a > 0)).sum())
 
 
 def same_start(
     out_dir: str, arms: list[str], history: int, seeds: list[int]
 ) -> tuple[list[str], list[str]]:
-    """Seed by seed, layout by layout: each arm's first greedy evaluation (the start of RL, after
-    its own warm-up) against GRPO's on the same layouts; mean difference [95 % t-interval over
-    the layouts]. Returns the table's lines and a warning for each seed and split whose interval
-    excludes 0: there the arm did not start RL from GRPO's policy (the same-start check)."""
-    lines = ["| seed | arm | split | grpo | arm | arm - grpo | same start? |"]
-    lines.append("|---" * 7 + "|")
+    """The same-start check. Seed by seed, each arm's first greedy evaluation (the start of RL,
+    after its own warm-up) against GRPO's on the same layouts: arm - grpo, mean [95 % t-interval
+    over the layouts], with the layouts lost and gained. An interval that excludes 0 says the
+    arm did not start RL from GRPO's policy; one that holds 0 is no evidence of a difference, not
+    proof of none (layouts lost and gained can cancel), and over many seeds and splits some
+    intervals exclude 0 by chance. Returns the table's lines and a warning for each split that
+    differs or could not be checked."""
+    lines = ["| seed | arm | split | grpo success | arm success | arm - grpo | lost | gained | "]
+    lines[0] += "differs? |"
+    lines.append("|---" * 9 + "|")
     warnings = []
     for x in seeds:
-        base_dir = os.path.join(out_dir, run_name("grpo", history, x))
+        grpo_dir = os.path.join(out_dir, run_name("grpo", history, x))
         for arm in arms[1:]:
-            arm_dir = os.path.join(out_dir, run_name(arm, history, x))
-            paths = [os.path.join(d, "solved.jsonl") for d in (base_dir, arm_dir)]
+            name = run_name(arm, history, x)
+            arm_dir = os.path.join(out_dir, name)
+            paths = [os.path.join(d, "solved.jsonl") for d in (grpo_dir, arm_dir)]
             if not all(os.path.exists(path) for path in paths):  # a run made before solved.jsonl
-                lines.append(f"| {x} | {arm} | - | - | - | not recorded | - |")
+                lines.append(f"| {x} | {arm} | - | - | - | - | - | - | not checked |")
+                warnings.append(f"{name}: its start of RL not checked (no solved.jsonl)")
                 continue
-            base = solved_at(base_dir, 0)
-            own = solved_at(arm_dir, 0)
+            grpo_solved = solved_at(grpo_dir, 0)
+            arm_solved = solved_at(arm_dir, 0)
             for split in ("train", "held_out"):
-                diffs = (np.asarray(own[split], float) - np.asarray(base[split], float)).tolist()
+                diffs, lost, gained = layout_change(grpo_solved[split], arm_solved[split], split)
                 _, low, high = paired_interval(diffs)
-                same = not (low > 0 or high < 0)  # also when every layout agrees (0 wide)
+                differs = "no evidence"
+                if math.isnan(low):  # fewer than 2 layouts
+                    differs = "not checked"
+                elif low > 0 or high < 0:
+                    differs = "**yes**"
                 lines.append(
-                    f"| {x} | {arm} | {split} | {np.mean(base[split]):.3f} | "
-                    f"{np.mean(own[split]):.3f} | {show_interval(diffs)} | "
-                    f"{'yes' if same else '**no**'} |"
+                    f"| {x} | {arm} | {split} | {np.mean(grpo_solved[split]):.3f} | "
+                    f"{np.mean(arm_solved[split]):.3f} | {show_interval(diffs)} | {lost} | "
+                    f"{gained} | {differs} |"
                 )
-                if not same:
+                if differs == "**yes**":
                     warnings.append(
-                        f"{run_name(arm, history, x)} did not start RL from GRPO's policy: greedy "
-                        f"success ({split}) {show_interval(diffs)} against grpo, layout by layout"
+                        f"{name} did not start RL from GRPO's policy: greedy success ({split}) "
+                        f"{show_interval(diffs)} against grpo, layout by layout"
                     )
+                elif differs == "not checked":
+                    warnings.append(f"{name}: its start of RL ({split}) not checked: < 2 layouts")
     return lines, warnings
 
 
@@ -1788,14 +1820,10 @@ def gain(run_dir: str, other_dir: str | None = None) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for split in ("train", "held_out"):
-        a = np.asarray(after[split])
-        b = np.asarray(before[split])
-        if a.shape != b.shape:
-            raise ValueError(f"{split}: {len(b)} layouts before, {len(a)} after: not paired")
+        diffs, lost, gained = layout_change(before[split], after[split], split)
         lines.append(
-            f"| {split} | {len(a)} | {b.mean():.3f} | {a.mean():.3f} | "
-            f"{show_interval((a - b).tolist())} | {int(((b > 0) & (a == 0)).sum())} | "
-            f"{int(((b == 0) & (a > 0)).sum())} |"
+            f"| {split} | {len(diffs)} | {np.mean(before[split]):.3f} | "
+            f"{np.mean(after[split]):.3f} | {show_interval(diffs)} | {lost} | {gained} |"
         )
     return "\n".join(lines)
 

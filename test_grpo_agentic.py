@@ -1493,8 +1493,8 @@ def test_compare_writes_paired_tables_and_resumes_in_worker_processes(tmp_path, 
     assert table.count("## History H = ") == 2 and table.count("## Between regimes") == 1
     assert table.count("### ") == 12 and table.count(header) == 10  # start, 4 tables, seeds
     # GiGPO has no warm-up of its own: it starts RL from GRPO's policy, every layout the same
-    same = "| gigpo | held_out | " in table and "| +0.000 [+0.000, +0.000] | yes |" in table
-    assert same and "**no**" not in table
+    same = "| +0.000 [+0.000, +0.000] | 0 | 0 | no evidence |"
+    assert table.count(same) == 8 and "**yes**" not in table  # 2 seeds x 2 splits x 2 regimes
     assert table.count("| grpo: end - start |") == 6  # chain, success, anatomy, per regime
     assert table.count("not measured at the start") == 4  # the self-check: at the end only
     for key in ("adv_flawed_rel", "hidden_cos", "eval_held_out_success_self_check"):
@@ -1581,16 +1581,19 @@ def test_a_run_made_before_the_verdict_warm_ups_anchor(tmp_path):
         (tmp_path / f"old{steps}" / "summary.json").write_text("{}")
         warm = {(s.history, s.seed): str(tmp_path / "no-warm-start.pt")}
         if refused:
-            with pytest.raises(ValueError, match="cls_anchor 10.0 here, 0.0 there"):
+            with pytest.raises(
+                ValueError, match=f"cls_anchor {ga.Settings().cls_anchor} here, 0.0 there"
+            ):
                 experiments.check_existing([(s, experiments.LabRun())], warm)
         else:
             experiments.check_existing([(s, experiments.LabRun())], warm)  # no error
 
 
 def test_compare_tables_hand_computed():
-    """Two seeds, made-up values: arm means, one paired difference, GRPO's own change, and one
-    difference between regimes. Bug caught: a cell that reads another arm, the wrong seed's
-    start, the wrong regime, or a constant."""
+    """Two seeds, made-up values: arm means, one paired difference, one difference of gains in
+    RL, GRPO's own change, and one difference between regimes. Bug caught: a cell that reads
+    another arm, the wrong seed's start, the wrong regime, or a constant; a header whose columns
+    are not the cells' order."""
     keys = [k for _, metrics, _, _ in experiments.TABLES for k in metrics]
     end, start = {}, {}
     for k, arm in enumerate(experiments.ARMS):
@@ -1608,6 +1611,11 @@ def test_compare_tables_hand_computed():
     assert diffs[6] == "+0.450 [+0.450, +0.450]"
     # grpo's end - start: 0.10 and 0.15; mean 0.125, half-width 12.706 * 0.0354 / sqrt(2) = 0.318
     assert diffs[7] == "+0.125 [-0.193, +0.443]"
+    chain = table.index("### The chain, link by link (end of training)")
+    header = next(r for r in table[chain:] if r.startswith("| paired difference"))
+    others = [arm for arm in experiments.ARMS if arm != "grpo"]
+    columns = [f"{a} - grpo" for a in others] + [f"{a} - grpo, gains in RL" for a in others]
+    assert header == "| paired difference | " + " | ".join(columns) + " | grpo: end - start |"
     by_regime = {
         (arm, h, x): {k: v + 0.05 * h * (1 + x) for k, v in end[arm, x].items()}
         for arm in experiments.ARMS
@@ -1627,7 +1635,8 @@ def test_the_start_of_rl_table_and_the_same_start_check(tmp_path):
     """The start of RL: arm means and arm - grpo paired by seed (made-up values), then seed by
     seed, layout by layout, whether an arm started RL from GRPO's policy. Bug caught: a start
     table that reads the end (or another arm), a check that pairs the wrong iteration or seed,
-    or one that cannot say no (it passed an arm whose warm-up broke the policy on seed 1)."""
+    or split, or one that cannot say yes (it passed an arm whose warm-up broke the policy on
+    seed 1), or one that passes a run it could not check."""
     arms = ["grpo", "grpo+cls-oracle"]
     keys = [k for _, metrics, _, _ in experiments.TABLES for k in metrics]
     start, end = {}, {}
@@ -1643,26 +1652,35 @@ def test_the_start_of_rl_table_and_the_same_start_check(tmp_path):
     assert diff == "| coupling_cos | +0.050 [-0.585, +0.685] |"
     assert table.index(check[0]) < table.index(next(r for r in table if "### Credit" in r))
 
-    def solved(run: str, first: list[int], later: list[int]) -> None:
+    def solved(run: str, train: list[int], held_out: list[int]) -> None:
         os.makedirs(tmp_path / run)
-        rows = [{"iter": 0, "train": first, "held_out": first}]
-        rows.append({"iter": 8, "train": later, "held_out": later})  # the end: not read here
+        rows = [{"iter": 0, "train": train, "held_out": held_out}]
+        rows.append({"iter": 8, "train": [1] * 40, "held_out": [0] * 40})  # the end: not read
         (tmp_path / run / "solved.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    layouts = [1, 0] * 20  # 40 layouts, half solved at the start of RL
-    solved("grpo-h0-seed0", layouts, [0] * 40)
-    solved("grpo+cls-oracle-h0-seed0", layouts[1:] + layouts[:1], [1] * 40)  # all differ
-    solved("grpo-h0-seed1", layouts, layouts)
-    solved("grpo+cls-oracle-h0-seed1", [0] * 40, layouts)  # the warm-up lost every solved layout
-    lines, warnings = experiments.same_start(str(tmp_path), ["grpo", "grpo+cls-oracle"], 0, [0, 1])
-    rows = [r.rstrip(" |").split(" | ") for r in lines[2:]]
-    assert [r[0] for r in rows] == ["| 0", "| 0", "| 1", "| 1"]
-    # seed 0: -1 and +1 in turn (each layout swapped with its neighbour): mean 0, half-width
-    # 2.023 * 1.013 / sqrt(40) = 0.324; the interval holds 0: the same start, as far as it shows
-    assert rows[0][3:] == ["0.500", "0.500", "+0.000 [-0.324, +0.324]", "yes"]
-    # seed 1: -1 on the 20 solved layouts, 0 elsewhere: mean -0.5, half 2.023 * 0.506 / sqrt(40)
-    assert rows[3][3:] == ["0.500", "0.000", "-0.500 [-0.662, -0.338]", "**no**"]
-    assert len(warnings) == 2 and all("grpo+cls-oracle-h0-seed1 did not" in w for w in warnings)
+    half = [1, 0] * 20  # 40 layouts, half solved at the start of RL
+    swapped = half[1:] + half[:1]  # each layout's outcome swapped with its neighbour's
+    solved("grpo-h0-seed0", half, half)
+    solved("grpo+cls-oracle-h0-seed0", swapped, half)
+    solved("grpo-h0-seed1", [1] * 40, half)  # another seed: other layouts, other outcomes
+    solved("grpo+cls-oracle-h0-seed1", [1] * 30 + [0] * 10, [0] * 40)  # the warm-up lost some
+    os.makedirs(tmp_path / "grpo-h0-seed2")  # made before solved.jsonl existed
+    seeds = [0, 1, 2]
+    lines, warnings = experiments.same_start(str(tmp_path), arms, 0, seeds)
+    rows = [r.rstrip(" |").split(" | ")[1:] for r in lines[2:]]
+    assert [r[1] for r in rows[:4]] == ["train", "held_out", "train", "held_out"]
+    # seed 0, train: -1 and +1 in turn: mean 0, half-width 2.023 * 1.013 / sqrt(40) = 0.324;
+    # 20 lost, 20 gained, and no evidence of a difference (none in the mean; plenty per layout)
+    assert rows[0][2:] == ["0.500", "0.500", "+0.000 [-0.324, +0.324]", "20", "20", "no evidence"]
+    assert rows[1][2:] == ["0.500", "0.500", "+0.000 [+0.000, +0.000]", "0", "0", "no evidence"]
+    # seed 1, train: -1 on 10 of 40: mean -0.25, half-width 2.023 * 0.4385 / sqrt(40) = 0.140
+    assert rows[2][2:] == ["1.000", "0.750", "-0.250 [-0.390, -0.110]", "10", "0", "**yes**"]
+    # held-out: -1 on the 20 solved: mean -0.5, half-width 2.023 * 0.506 / sqrt(40) = 0.162
+    assert rows[3][2:] == ["0.500", "0.000", "-0.500 [-0.662, -0.338]", "20", "0", "**yes**"]
+    assert rows[4][-1] == "not checked" and len(rows) == 5
+    assert len(warnings) == 3
+    assert all("grpo+cls-oracle-h0-seed1 did not start RL" in w for w in warnings[:2])
+    assert "grpo+cls-oracle-h0-seed2: its start of RL not checked" in warnings[2]
 
 
 def test_compare_without_the_self_check(tmp_path):
