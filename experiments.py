@@ -777,8 +777,8 @@ def tables(
                     for x in seeds
                 ]
                 cells.append(show_interval(diffs))
-            measured = all(key in start[arm, x] for arm in arms for x in seeds)
-            if with_own_change and measured:
+            measured = with_own_change and all(key in start[a, x] for a in arms for x in seeds)
+            if measured:
                 own = [end["grpo", x][key] - start["grpo", x][key] for x in seeds]
                 for arm in others:  # (the arm's end - its start) - (grpo's end - its start)
                     gains = [end[arm, x][key] - start[arm, x][key] for x in seeds]
@@ -836,9 +836,9 @@ def same_start(
     proof of none (layouts lost and gained can cancel), and over many seeds and splits some
     intervals exclude 0 by chance. Returns the table's lines and a warning for each split that
     differs or could not be checked."""
-    lines = ["| seed | arm | split | grpo success | arm success | arm - grpo | lost | gained | "]
-    lines[0] += "differs? |"
-    lines.append("|---" * 9 + "|")
+    columns = ["seed", "arm", "split", "grpo success", "arm success", "arm - grpo", "lost"]
+    columns += ["gained", "differs?"]
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
     warnings = []
     for x in seeds:
         grpo_dir = os.path.join(out_dir, run_name("grpo", history, x))

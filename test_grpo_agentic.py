@@ -1667,6 +1667,8 @@ def test_the_start_of_rl_table_and_the_same_start_check(tmp_path):
     os.makedirs(tmp_path / "grpo-h0-seed2")  # made before solved.jsonl existed
     seeds = [0, 1, 2]
     lines, warnings = experiments.same_start(str(tmp_path), arms, 0, seeds)
+    header = "| seed | arm | split | grpo success | arm success | arm - grpo | lost | gained |"
+    assert lines[0] == header + " differs? |"  # the columns in the cells' order
     rows = [r.rstrip(" |").split(" | ")[1:] for r in lines[2:]]
     assert [r[1] for r in rows[:4]] == ["train", "held_out", "train", "held_out"]
     # seed 0, train: -1 and +1 in turn: mean 0, half-width 2.023 * 1.013 / sqrt(40) = 0.324;
