@@ -1,5 +1,6 @@
 """Peak memory of the verdict warm-up alone on SmolLM2 (3 steps from seed 0's warm start):
 argv: anchor_coef. A measurement script outside the project, calling its functions."""
+
 import sys
 
 import numpy as np
